@@ -1,0 +1,59 @@
+# fedprompt: `make demo` runs the default experiment, `make test` the test suite.
+# Both install first; `make install` is idempotent (it does nothing unless
+# requirements/lock.txt or setup.py changed since the last install).
+
+PYTHON ?= python3.11
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.fedprompt-installed
+PIP := $(BIN)/python -m pip --disable-pip-version-check
+export TF_CPP_MIN_LOG_LEVEL ?= 3
+
+.PHONY: install demo test test-all lint format bench lock clean
+
+install: $(STAMP)
+
+$(STAMP): requirements/lock.txt requirements/build.txt setup.py
+	@command -v $(PYTHON) >/dev/null 2>&1 || { \
+	  echo "error: $(PYTHON) not found. fedprompt needs Python 3.11 (TFF 0.87 supports 3.9-3.11)."; \
+	  echo "  install it (e.g. 'pyenv install 3.11' or your OS package) or pass PYTHON=/path/to/python3.11"; \
+	  exit 1; }
+	@$(PYTHON) -c 'import sys; sys.exit(0 if (3, 9) <= sys.version_info[:2] <= (3, 11) else 1)' || { \
+	  echo "error: $(PYTHON) is Python $$($(PYTHON) -c 'import platform; print(platform.python_version())'); fedprompt needs 3.9-3.11 (3.11 recommended)."; \
+	  echo "  pass PYTHON=/path/to/python3.11"; exit 1; }
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --no-deps -r requirements/build.txt -r requirements/lock.txt
+	$(PIP) install --quiet --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+demo: install
+	$(BIN)/python run_experiment.py
+
+test: install
+	$(BIN)/python -m pytest tests -q
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: install
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+bench: install
+	$(BIN)/python -m bench.run_all
+
+# Regenerates requirements/lock.txt from base.txt, nodeps.txt and extras.txt in
+# the install order that works (DESIGN.md section 3), in a throwaway venv.
+lock:
+	rm -rf .venv-lock
+	$(PYTHON) -m venv .venv-lock
+	.venv-lock/bin/pip install --quiet -r requirements/base.txt
+	.venv-lock/bin/pip install --quiet --no-deps -r requirements/nodeps.txt
+	.venv-lock/bin/pip freeze > .venv-lock/base-frozen.txt
+	.venv-lock/bin/pip install --quiet -r requirements/extras.txt -c .venv-lock/base-frozen.txt
+	{ sed -n '1,4p' requirements/lock.header; .venv-lock/bin/pip freeze --exclude-editable; } > requirements/lock.txt
+	rm -rf .venv-lock
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache build *.egg-info
