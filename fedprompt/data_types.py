@@ -6,7 +6,9 @@ import collections
 import enum
 from typing import Protocol, Sequence
 
+import numpy as np
 import tensorflow as tf
+import tensorflow_federated as tff
 
 # Every batch that reaches the model or a TFF computation is an OrderedDict with
 # exactly these keys, each `[batch, sequence_length]`:
@@ -22,6 +24,21 @@ def batch_spec(sequence_length: int) -> collections.OrderedDict:
         token_ids=tf.TensorSpec([None, sequence_length], tf.int32),
         padding_mask=tf.TensorSpec([None, sequence_length], tf.bool),
         target_mask=tf.TensorSpec([None, sequence_length], tf.bool),
+    )
+
+
+def batch_type(sequence_length: int) -> tff.StructWithPythonType:
+    """TFF type of one batch (TFF 0.87 does not accept `tf.TensorSpec`s).
+
+    Client data is `tff.SequenceType(batch_type(T))`.
+    """
+    return tff.StructWithPythonType(
+        [
+            ("token_ids", tff.TensorType(np.int32, [None, sequence_length])),
+            ("padding_mask", tff.TensorType(np.bool_, [None, sequence_length])),
+            ("target_mask", tff.TensorType(np.bool_, [None, sequence_length])),
+        ],
+        collections.OrderedDict,
     )
 
 

@@ -13,6 +13,7 @@ import pathlib  # noqa: E402
 import warnings  # noqa: E402
 
 import pytest  # noqa: E402
+from absl import flags  # noqa: E402
 
 warnings.filterwarnings("ignore")
 
@@ -30,6 +31,10 @@ SNI_MINI_DIR = pathlib.Path(
 def pytest_configure(config):
     del config
     tf.get_logger().setLevel("ERROR")
+    # absl's test helpers (create_tempdir, flagsaver) read flags; pytest never
+    # parses them, so use their defaults.
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -37,8 +37,8 @@ def tiny_backbone(kind: str, seed: int = 0) -> tf.keras.Model:
 def _batch(token_ids, padding_mask, target_mask):
     return collections.OrderedDict(
         token_ids=tf.constant(token_ids, tf.int32),
-        padding_mask=tf.constant(padding_mask, tf.bool),
-        target_mask=tf.constant(target_mask, tf.bool),
+        padding_mask=tf.constant(np.asarray(padding_mask, bool)),
+        target_mask=tf.constant(np.asarray(target_mask, bool)),
     )
 
 
