@@ -17,7 +17,7 @@ from __future__ import annotations
 import collections
 import math
 import numbers
-from typing import Callable, NamedTuple, Optional, Protocol, Union
+from typing import Callable, NamedTuple, Protocol, Union
 
 import tensorflow as tf
 
@@ -104,7 +104,7 @@ def _batch_size(batch: Batch) -> tf.Tensor:
 
 
 def local_dataset(
-    dataset: tf.data.Dataset, *, num_epochs: Optional[int], max_steps: Optional[int]
+    dataset: tf.data.Dataset, *, num_epochs: int | None, max_steps: int | None
 ) -> tf.data.Dataset:
     """The batches a client trains on: `num_epochs` passes, cut at `max_steps`.
 
@@ -117,7 +117,7 @@ def local_dataset(
     return data
 
 
-def check_local_schedule(*, num_epochs: Optional[int], max_steps: Optional[int]) -> None:
+def check_local_schedule(*, num_epochs: int | None, max_steps: int | None) -> None:
     """Validates a (num_epochs, max_steps) pair; errors name the argument."""
     for name, value in (("num_epochs", num_epochs), ("max_steps", max_steps)):
         if value is not None and (
@@ -131,7 +131,7 @@ def check_local_schedule(*, num_epochs: Optional[int], max_steps: Optional[int])
         )
 
 
-def check_clip_norm(clip_norm: Optional[float]) -> None:
+def check_clip_norm(clip_norm: float | None) -> None:
     if clip_norm is None:
         return
     if isinstance(clip_norm, bool) or not isinstance(clip_norm, numbers.Real):
@@ -148,6 +148,49 @@ def l2_penalty(
     return 0.5 * tf.cast(strength, tf.float32) * tf.reduce_sum(tf.square(diff))
 
 
+def client_train_step(
+    *,
+    loss_fn: PromptLoss,
+    prompt_variable: tf.Variable,
+    batch: Batch,
+    optimizer: tf.keras.optimizers.Optimizer,
+    clip_norm: float | None = None,
+    l2_strength: float | tf.Tensor | None = None,
+    l2_reference: tf.Tensor | None = None,
+) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+    """One optimizer step on one batch; the body of `client_update`'s loop.
+
+    Exposed separately because it has no dataset iteration, so it can be
+    XLA-compiled (`tf.function(jit_compile=True)`) by a driver that feeds
+    batches itself; a `tf.data` loop cannot be.
+
+    Objective: `loss_sum / num_tokens` (0 without target tokens) plus, when
+    `l2_strength` is not None, `(l2_strength / 2) ||P - l2_reference||^2`.
+
+    Returns:
+      `(loss_sum, num_tokens, grad_norm)` float32 scalars: the batch's data loss
+      (before the update, without the L2 term), its target-token count, and the
+      objective gradient's L2 norm before clipping.
+    """
+    with tf.GradientTape(watch_accessed_variables=False) as tape:
+        tape.watch(prompt_variable)
+        loss_sum, num_tokens = loss_fn(prompt_variable, batch)
+        loss_sum = tf.cast(loss_sum, tf.float32)
+        num_tokens = tf.cast(num_tokens, tf.float32)
+        objective = tf.math.divide_no_nan(loss_sum, num_tokens)
+        if l2_strength is not None:
+            objective += l2_penalty(prompt_variable, l2_reference, l2_strength)
+    # A loss that ignores the prompt has a zero, not a missing, gradient.
+    gradient = tape.gradient(
+        objective, prompt_variable, unconnected_gradients=tf.UnconnectedGradients.ZERO
+    )
+    norm = tf.norm(gradient)
+    if clip_norm is not None:
+        gradient = tf.clip_by_norm(gradient, clip_norm)
+    optimizer.apply_gradients([(gradient, prompt_variable)])
+    return loss_sum, num_tokens, norm
+
+
 def client_update(
     *,
     loss_fn: PromptLoss,
@@ -155,11 +198,11 @@ def client_update(
     initial_prompt: tf.Tensor,
     dataset: tf.data.Dataset,
     optimizer: tf.keras.optimizers.Optimizer,
-    num_epochs: Optional[int] = 1,
-    max_steps: Optional[int] = None,
-    clip_norm: Optional[float] = None,
+    num_epochs: int | None = 1,
+    max_steps: int | None = None,
+    clip_norm: float | None = None,
     l2_strength: Union[float, tf.Tensor] = 0.0,
-    l2_reference: Optional[tf.Tensor] = None,
+    l2_reference: tf.Tensor | None = None,
 ) -> ClientOutput:
     """Trains the prompt on one client's data with a tf.keras optimizer.
 
@@ -216,22 +259,15 @@ def client_update(
     loss_total = tf.constant(0.0, tf.float32)
     grad_norm_total = tf.constant(0.0, tf.float32)
     for batch in data:
-        with tf.GradientTape(watch_accessed_variables=False) as tape:
-            tape.watch(prompt_variable)
-            batch_loss_sum, batch_tokens = loss_fn(prompt_variable, batch)
-            batch_loss_sum = tf.cast(batch_loss_sum, tf.float32)
-            batch_tokens = tf.cast(batch_tokens, tf.float32)
-            objective = tf.math.divide_no_nan(batch_loss_sum, batch_tokens)
-            if use_l2:
-                objective += l2_penalty(prompt_variable, reference, l2_strength)
-        # A loss that ignores the prompt has a zero, not a missing, gradient.
-        gradient = tape.gradient(
-            objective, prompt_variable, unconnected_gradients=tf.UnconnectedGradients.ZERO
+        batch_loss_sum, batch_tokens, norm = client_train_step(
+            loss_fn=loss_fn,
+            prompt_variable=prompt_variable,
+            batch=batch,
+            optimizer=optimizer,
+            clip_norm=clip_norm,
+            l2_strength=l2_strength if use_l2 else None,
+            l2_reference=reference,
         )
-        norm = tf.norm(gradient)
-        if clip_norm is not None:
-            gradient = tf.clip_by_norm(gradient, clip_norm)
-        optimizer.apply_gradients([(gradient, prompt_variable)])
         num_steps += 1
         num_examples += _batch_size(batch)
         num_tokens += batch_tokens

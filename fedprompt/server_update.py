@@ -70,9 +70,7 @@ def server_update(
     updated = ServerState(
         prompt=prompt, optimizer_state=optimizer_state, round_num=state.round_num + 1
     )
-    return tf.nest.map_structure(
-        lambda new, old: tf.where(apply_update, new, old), updated, state
-    )
+    return tf.nest.map_structure(lambda new, old: tf.where(apply_update, new, old), updated, state)
 
 
 def tensor_shapes(type_spec: tff.Type) -> Sequence[tuple[str, tuple[int, ...]]]:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import enum
 import math
-from typing import Optional
 
 import tensorflow as tf
 
@@ -48,11 +47,11 @@ def build_client_optimizer(
     kind: ClientOptimizer,
     *,
     learning_rate: float,
-    momentum: Optional[float] = None,
-    beta_1: Optional[float] = None,
-    beta_2: Optional[float] = None,
-    epsilon: Optional[float] = None,
-    initial_accumulator_value: Optional[float] = None,
+    momentum: float | None = None,
+    beta_1: float | None = None,
+    beta_2: float | None = None,
+    epsilon: float | None = None,
+    initial_accumulator_value: float | None = None,
 ) -> tf.keras.optimizers.Optimizer:
     """Returns a new tf.keras optimizer of kind `kind`.
 

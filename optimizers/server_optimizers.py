@@ -15,7 +15,6 @@ optimizer state is an explicit part of the server state (and of checkpoints).
 from __future__ import annotations
 
 import enum
-from typing import Optional
 
 import tensorflow_federated as tff
 
@@ -40,10 +39,10 @@ def build_server_optimizer(
     kind: ServerOptimizer,
     *,
     learning_rate: float,
-    momentum: Optional[float] = None,
-    beta_1: Optional[float] = None,
-    beta_2: Optional[float] = None,
-    epsilon: Optional[float] = None,
+    momentum: float | None = None,
+    beta_1: float | None = None,
+    beta_2: float | None = None,
+    epsilon: float | None = None,
 ) -> tff.learning.optimizers.Optimizer:
     """Returns a `tff.learning.optimizers.Optimizer` of kind `kind`.
 
