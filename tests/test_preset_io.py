@@ -1,0 +1,212 @@
+"""Tests of fedprompt.backbones.preset_io: keras-nlp preset files written on Keras 2."""
+
+import json
+import os
+import pathlib
+
+import keras_nlp
+import numpy as np
+import tensorflow as tf
+from absl.testing import parameterized
+
+from fedprompt import tokenizers
+from fedprompt.backbones import preset_io
+
+_VOCAB = {"<|endoftext|>": 0}
+for _c in "abcdefghijklmnopqrstuvwxyz0123456789 .?:ĠĊ":
+    _VOCAB.setdefault(_c, len(_VOCAB))
+_MERGES = ["Ġ a", "a b", "Ġ t"]
+for _m in _MERGES:
+    _VOCAB[_m.replace(" ", "")] = len(_VOCAB)
+VOCAB_SIZE = 128  # Embedding rows beyond the tokenizer vocabulary are allowed.
+
+
+def _gpt2():
+    return keras_nlp.models.GPT2Backbone(
+        vocabulary_size=VOCAB_SIZE,
+        num_layers=2,
+        num_heads=2,
+        hidden_dim=16,
+        intermediate_dim=32,
+        max_sequence_length=32,
+    )
+
+
+def _llama():
+    return keras_nlp.models.LlamaBackbone(
+        vocabulary_size=VOCAB_SIZE,
+        num_layers=2,
+        num_query_heads=4,
+        num_key_value_heads=2,
+        hidden_dim=16,
+        intermediate_dim=32,
+    )
+
+
+def _text_tokenizer(split_digits=True):
+    keras_tokenizer = keras_nlp.models.GPT2Tokenizer(vocabulary=_VOCAB, merges=_MERGES)
+    spec = tokenizers.default_spec_for(keras_tokenizer)
+    spec = tokenizers.TextTokenizerSpec(**{**spec.to_json(), "split_digits": split_digits})
+    return tokenizers.BPETextTokenizer(keras_tokenizer, spec=spec)
+
+
+def _inputs():
+    rng = np.random.default_rng(0)
+    return {
+        "token_ids": tf.constant(rng.integers(0, VOCAB_SIZE, [2, 7]), tf.int32),
+        "padding_mask": tf.constant([[True] * 7, [True] * 4 + [False] * 3]),
+    }
+
+
+class PresetRoundTripTest(tf.test.TestCase, parameterized.TestCase):
+    @parameterized.named_parameters(
+        ("gpt2", _gpt2, keras_nlp.models.GPT2Backbone),
+        ("llama", _llama, keras_nlp.models.LlamaBackbone),
+    )
+    def test_round_trip_identical_outputs(self, make_backbone, cls):
+        tf.keras.utils.set_random_seed(1)
+        backbone = make_backbone()
+        tokenizer = _text_tokenizer()
+        directory = pathlib.Path(self.get_temp_dir()) / "preset"
+        result = preset_io.write_preset(
+            directory, backbone=backbone, tokenizer=tokenizer, metadata={"name": "test", "n": 3}
+        )
+        self.assertEqual(result, directory)
+        self.assertCountEqual(
+            os.listdir(directory),
+            ["config.json", "model.weights.h5", "metadata.json", "tokenizer.json", "assets"],
+        )
+        self.assertCountEqual(
+            os.listdir(directory / "assets" / "tokenizer"), ["vocabulary.json", "merges.txt"]
+        )
+        # No temporary directory is left beside the preset.
+        self.assertEqual(os.listdir(directory.parent), ["preset"])
+
+        expected = backbone(_inputs(), training=False).numpy()
+        # keras-nlp's own reader, on Keras 2.
+        from_keras_nlp = cls.from_preset(str(directory))
+        self.assertIsInstance(from_keras_nlp, cls)
+        self.assertAllEqual(from_keras_nlp(_inputs(), training=False).numpy(), expected)
+        # fedprompt's fast reader gives the same weights, bit for bit.
+        loaded, loaded_tokenizer = preset_io.load_preset(directory)
+        self.assertIsInstance(loaded, cls)
+        self.assertAllEqual(loaded(_inputs(), training=False).numpy(), expected)
+        for w, w_loaded in zip(backbone.weights, loaded.weights):
+            self.assertAllEqual(w.numpy(), w_loaded.numpy())
+
+        text = "the cat 123. ab<|endoftext|>"
+        self.assertEqual(loaded_tokenizer.encode(text), tokenizer.encode(text))
+        self.assertEqual(loaded_tokenizer.spec, tokenizer.spec)
+        keras_tokenizer = keras_nlp.tokenizers.Tokenizer.from_preset(str(directory))
+        self.assertEqual(keras_tokenizer.vocabulary, tokenizer.tokenizer.vocabulary)
+
+        metadata = preset_io.read_metadata(directory)
+        self.assertEqual(metadata["name"], "test")
+        self.assertEqual(metadata["n"], 3)
+        self.assertTrue(metadata["text_tokenizer"]["split_digits"])
+        top = json.loads((directory / "metadata.json").read_text())
+        self.assertEqual(top["parameter_count"], backbone.count_params())
+        self.assertIn("keras_version", top)
+
+    def test_overwrite(self):
+        directory = pathlib.Path(self.get_temp_dir()) / "p"
+        tokenizer = _text_tokenizer()
+        preset_io.write_preset(directory, backbone=_gpt2(), tokenizer=tokenizer, metadata={"v": 1})
+        with self.assertRaisesRegex(FileExistsError, "overwrite=True"):
+            preset_io.write_preset(directory, backbone=_gpt2(), tokenizer=tokenizer, metadata={})
+        preset_io.write_preset(
+            directory, backbone=_llama(), tokenizer=tokenizer, metadata={"v": 2}, overwrite=True
+        )
+        self.assertEqual(preset_io.read_metadata(directory)["v"], 2)
+        self.assertIsInstance(preset_io.load_backbone(directory), keras_nlp.models.LlamaBackbone)
+        self.assertEqual(os.listdir(directory.parent), ["p"])
+
+    def test_unserialisable_metadata_writes_nothing(self):
+        directory = pathlib.Path(self.get_temp_dir()) / "p"
+        with self.assertRaises(TypeError):
+            preset_io.write_preset(
+                directory, backbone=_gpt2(), tokenizer=_text_tokenizer(), metadata={"x": object()}
+            )
+        self.assertEqual(os.listdir(directory.parent), [])
+
+
+class ValidatePresetDirTest(tf.test.TestCase, parameterized.TestCase):
+    def setUp(self):
+        super().setUp()
+        self.directory = pathlib.Path(self.get_temp_dir()) / "preset"
+        preset_io.write_preset(
+            self.directory, backbone=_gpt2(), tokenizer=_text_tokenizer(), metadata={}
+        )
+
+    def test_valid(self):
+        self.assertEqual(preset_io.validate_preset_dir(self.directory), self.directory)
+        self.assertTrue(preset_io.is_valid_preset_dir(self.directory))
+
+    def test_missing_directory(self):
+        with self.assertRaisesRegex(preset_io.MissingPresetFileError, "does not exist"):
+            preset_io.validate_preset_dir(self.directory / "nope")
+        self.assertFalse(preset_io.is_valid_preset_dir(self.directory / "nope"))
+
+    @parameterized.parameters("config.json", "metadata.json", "model.weights.h5", "tokenizer.json")
+    def test_missing_file_is_named(self, name):
+        (self.directory / name).unlink()
+        with self.assertRaisesRegex(preset_io.MissingPresetFileError, f"no `{name}`.*rebuild"):
+            preset_io.validate_preset_dir(self.directory)
+        self.assertIsInstance(self._error(), FileNotFoundError)  # Callers may catch the builtin.
+
+    def test_missing_tokenizer_asset_is_named(self):
+        (self.directory / "assets" / "tokenizer" / "merges.txt").unlink()
+        with self.assertRaisesRegex(preset_io.MissingPresetFileError, "merges.txt"):
+            preset_io.validate_preset_dir(self.directory)
+
+    @parameterized.parameters("config.json", "metadata.json", "tokenizer.json")
+    def test_unparsable_json_is_named(self, name):
+        (self.directory / name).write_text("{not json")
+        with self.assertRaisesRegex(preset_io.PresetError, f"`{name}`.*not valid JSON"):
+            preset_io.validate_preset_dir(self.directory)
+
+    def test_truncated_weights_are_named(self):
+        weights = self.directory / "model.weights.h5"
+        weights.write_bytes(weights.read_bytes()[:100])
+        with self.assertRaisesRegex(preset_io.PresetError, "`model.weights.h5`.*corrupt"):
+            preset_io.validate_preset_dir(self.directory)
+
+    def test_weights_of_another_architecture_are_named(self):
+        other = pathlib.Path(self.get_temp_dir()) / "other"
+        preset_io.write_preset(other, backbone=_llama(), tokenizer=_text_tokenizer(), metadata={})
+        os.replace(other / "model.weights.h5", self.directory / "model.weights.h5")
+        preset_io.validate_preset_dir(self.directory)  # Cheap checks pass ...
+        with self.assertRaisesRegex(preset_io.PresetError, "`model.weights.h5`.*does not load"):
+            preset_io.load_backbone(self.directory)  # ... loading names the file.
+
+    def _error(self):
+        try:
+            preset_io.validate_preset_dir(self.directory)
+        except preset_io.PresetError as e:
+            return e
+        return None
+
+
+class DefaultCacheDirTest(tf.test.TestCase):
+    def test_env_override_and_default(self):
+        old = {k: os.environ.get(k) for k in ("FEDPROMPT_CACHE", "XDG_CACHE_HOME")}
+        try:
+            os.environ["FEDPROMPT_CACHE"] = "/tmp/x-cache"
+            self.assertEqual(preset_io.default_cache_dir(), pathlib.Path("/tmp/x-cache"))
+            del os.environ["FEDPROMPT_CACHE"]
+            os.environ["XDG_CACHE_HOME"] = "/tmp/xdg"
+            self.assertEqual(preset_io.default_cache_dir(), pathlib.Path("/tmp/xdg/fedprompt"))
+            del os.environ["XDG_CACHE_HOME"]
+            self.assertEqual(
+                preset_io.default_cache_dir(), pathlib.Path.home() / ".cache" / "fedprompt"
+            )
+        finally:
+            for k, v in old.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+
+
+if __name__ == "__main__":
+    tf.test.main()
