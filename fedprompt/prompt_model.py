@@ -15,12 +15,42 @@ computations, where the prompt arrives as a tensor from the server.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 from typing import Optional, Sequence
 
 import keras_nlp
 import numpy as np
 import tensorflow as tf
+from keras_core.src.backend.tensorflow import core as keras_tf_core
+
+
+def _strided_slice_update(inputs, start_indices, updates):
+    """`keras_core.ops.slice_update` with a core TF op instead of an XLA op.
+
+    keras-nlp writes its key/value caches with `ops.slice_update`, which the TF
+    backend implements with `XlaDynamicUpdateSlice`. TFF's C++ worker does not
+    register that op ("Op type not registered 'XlaDynamicUpdateSlice'"), so decoding
+    inside a TFF computation fails. `TensorStridedSliceUpdate` is a core kernel.
+    """
+    inputs = tf.convert_to_tensor(inputs)
+    updates = tf.convert_to_tensor(updates, dtype=inputs.dtype)
+    begin = tf.stack([tf.cast(i, tf.int32) for i in start_indices])
+    end = begin + tf.shape(updates, out_type=tf.int32)
+    strides = tf.ones_like(begin)
+    return tf.raw_ops.TensorStridedSliceUpdate(
+        input=inputs, begin=begin, end=end, strides=strides, value=updates
+    )
+
+
+@contextlib.contextmanager
+def _cache_updates_without_xla_ops():
+    original = keras_tf_core.slice_update
+    keras_tf_core.slice_update = _strided_slice_update
+    try:
+        yield
+    finally:
+        keras_tf_core.slice_update = original
 
 
 class Architecture(enum.Enum):
@@ -136,7 +166,10 @@ class PromptTunedLM:
         return self.backbone.token_embedding.embeddings
 
     def embed_tokens(self, token_ids: tf.Tensor) -> tf.Tensor:
-        return self.backbone.token_embedding(token_ids)
+        # tf.identity drops the Keras mask the embedding attaches (mask_zero): the
+        # layers get the explicit, prompt-extended padding mask instead, and Keras
+        # would warn on every call that the attached mask is ignored.
+        return tf.identity(self.backbone.token_embedding(token_ids))
 
     def _check_length(self, total_length: int) -> None:
         if self.max_sequence_length is not None and total_length > self.max_sequence_length:
@@ -268,6 +301,19 @@ class PromptTunedLM:
         """
         if max_new_tokens < 1:
             raise ValueError(f"`max_new_tokens` must be >= 1, got {max_new_tokens}.")
+        with _cache_updates_without_xla_ops():
+            return self._greedy_generate(
+                prompt,
+                input_ids,
+                input_lengths,
+                max_new_tokens=max_new_tokens,
+                stop_token_ids=stop_token_ids,
+                pad_token_id=pad_token_id,
+            )
+
+    def _greedy_generate(
+        self, prompt, input_ids, input_lengths, *, max_new_tokens, stop_token_ids, pad_token_id
+    ):
         input_ids = tf.convert_to_tensor(input_ids, tf.int32)
         input_lengths = tf.convert_to_tensor(input_lengths, tf.int32)
         batch_size = tf.shape(input_ids)[0]
@@ -301,7 +347,9 @@ class PromptTunedLM:
         stop_ids = tf.constant(list(stop_token_ids), tf.int32)
 
         def is_stop(token):
-            return tf.reduce_any(token[:, tf.newaxis] == stop_ids[tf.newaxis], axis=1)
+            # tf.equal, not `==`: inside TFF's graph-mode computations `Tensor.__eq__`
+            # can fall back to Python identity and return a bool.
+            return tf.reduce_any(tf.equal(token[:, tf.newaxis], stop_ids[tf.newaxis]), axis=1)
 
         next_token = tf.argmax(logits, axis=-1, output_type=tf.int32)
         output = tf.TensorArray(tf.int32, size=0, dynamic_size=True, element_shape=[None])
