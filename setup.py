@@ -1,5 +1,7 @@
 """fedprompt: federated soft-prompt tuning and the personalization/robustness trade-off."""
 
+import pathlib
+
 import setuptools
 
 setuptools.setup(
@@ -9,7 +11,7 @@ setuptools.setup(
         "TFF + keras-nlp library and benchmark for federated soft-prompt tuning "
         "and the personalization vs robustness trade-off (Profit, Collins et al. 2023)."
     ),
-    long_description=open("README.md", encoding="utf-8").read(),
+    long_description=pathlib.Path("README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     packages=setuptools.find_packages(include=["fedprompt*", "tasks*", "optimizers*"]),
     py_modules=["run_experiment"],

@@ -1,0 +1,33 @@
+"""fedprompt: federated soft-prompt tuning and its personalization/robustness trade-off.
+
+The TFF builders other research code imports:
+
+    from fedprompt import build_fed_avg, build_fed_sgd, build_personalization_evaluation
+
+`fedprompt.program.run_experiment` is the whole benchmark behind `run_experiment.py`.
+"""
+
+from fedprompt.fed_avg import ClientWeighting, build_fed_avg, build_fed_avg_components
+from fedprompt.fed_sgd import build_fed_sgd, build_fed_sgd_components
+from fedprompt.personalization import (
+    PersonalizationGrid,
+    build_personalization_evaluation,
+    run_personalization,
+)
+from fedprompt.prompt_model import PromptInit, PromptTunedLM, create_initial_prompt
+from fedprompt.server_update import ServerState
+
+__all__ = [
+    "ClientWeighting",
+    "PersonalizationGrid",
+    "PromptInit",
+    "PromptTunedLM",
+    "ServerState",
+    "build_fed_avg",
+    "build_fed_avg_components",
+    "build_fed_sgd",
+    "build_fed_sgd_components",
+    "build_personalization_evaluation",
+    "create_initial_prompt",
+    "run_personalization",
+]

@@ -98,8 +98,8 @@ class ExperimentConfig:
     alpha: Optional[float] = None
     home_fraction: Optional[float] = None
     num_clients: int = 16
-    num_validation_clients: int = 4
-    num_test_clients: int = 8
+    num_validation_clients: int = 2
+    num_test_clients: int = 6
     examples_per_client: Optional[int] = None
     global_test_per_category: int = 6
     clients_per_round: int = 4
@@ -125,11 +125,11 @@ class ExperimentConfig:
     checkpoint_every: int = 5
     personalization_optimizer: str = "sgd"
     personalization_learning_rates: tuple = (10**-0.5, 10**-1.0)
-    personalization_epochs: tuple = (0, 1, 2, 4, 8)
+    personalization_epochs: tuple = (0, 1, 2, 4)
     l2_strengths: tuple = (0.1,)
     interpolation_alphas: tuple = (0.5,)
-    max_local_test_examples: Optional[int] = 16
-    max_global_test_examples: Optional[int] = 24
+    max_local_test_examples: Optional[int] = 8
+    max_global_test_examples: Optional[int] = 16
     seed: int = 0
     cache_dir: Optional[str] = None
 
@@ -596,7 +596,7 @@ def run_experiment(
     output_dir.mkdir(parents=True, exist_ok=True)
     config_path = output_dir / "config.json"
     if config_path.exists():
-        previous = json.loads(config_path.read_text()).get("config", {})
+        previous = json.loads(config_path.read_text())
         # More rounds may be asked for on resume (continue training); nothing else.
         changed = sorted(
             k for k, v in config.to_json().items() if k != "rounds" and previous.get(k, v) != v
@@ -631,10 +631,10 @@ def run_experiment(
     (output_dir / "partition.json").write_text(json.dumps(partition_statistics(data.split), indent=1))
     config_path.write_text(
         json.dumps(
-            {
-                "config": config.to_json(),
+            config.to_json()
+            | {
                 "flags": flags or {},
-                "backbone": backbone.describe() | {"architecture": architecture.value},
+                "resolved_backbone": backbone.describe() | {"architecture": architecture.value},
                 "versions": _versions(),
             },
             indent=1,
@@ -682,7 +682,7 @@ def run_experiment(
     _write_csv(output_dir / "personalization.csv", PERSONALIZATION_COLUMNS, records)
     from fedprompt import report
 
-    report_path = report.write_all(output_dir)
+    report_path = report.write_all(output_dir)["report"]
     progress(f"done in {_format_eta(time.perf_counter() - start)}; report: {report_path}")
     return report_path
 

@@ -89,7 +89,7 @@ def test_driver_end_to_end_and_resume(small_preset, tmp_path):
     assert list((out / "tensorboard").iterdir())
     assert list((out / "plots").glob("*.png"))
     recorded = json.loads((out / "config.json").read_text())
-    assert recorded["config"]["rounds"] == 3 and recorded["flags"]["clients_per_round"] == 2
+    assert recorded["rounds"] == 3 and recorded["algorithm"] == "fedavg" and recorded["flags"]["clients_per_round"] == 2
     assert recorded["versions"]["tensorflow_federated"] == "0.87.0"
 
     rounds = _rows(out / "rounds.csv")

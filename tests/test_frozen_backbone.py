@@ -49,7 +49,7 @@ class FrozenBackboneTest(tf.test.TestCase):
                 tff.SequenceType(data_types.batch_type(6)),
             )
             def summed_loss(prompt, data):
-                tff_model = prompt_model.PromptTunedLM(frozen_backbone.restore_backbone(frozen))
+                tff_model = prompt_model.PromptTunedLM(frozen_backbone.restore_backbone(frozen))  # noqa: B023 (traced in this iteration)
                 return data.reduce(
                     tf.constant(0.0), lambda acc, batch: acc + tff_model.loss(prompt, batch)[0]
                 )
