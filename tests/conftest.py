@@ -18,7 +18,6 @@ from absl import flags  # noqa: E402
 warnings.filterwarnings("ignore")
 
 import tensorflow as tf  # noqa: E402,F401
-import tensorflow_federated as tff  # noqa: E402
 
 from fedprompt import execution  # noqa: E402
 
