@@ -29,7 +29,7 @@ $(STAMP): requirements/lock.txt requirements/build.txt setup.py
 demo: install
 	$(BIN)/python run_experiment.py
 
-test: install
+test: install lint
 	$(BIN)/python -m pytest tests -q
 
 lint: install

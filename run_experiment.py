@@ -227,7 +227,9 @@ def main(argv):
     try:
         config = config_from_flags()
         config.validate()
-        flag_values = {f.name: f.value for f in flags.FLAGS.get_key_flags_for_module(sys.modules[__name__])}
+        flag_values = {
+            f.name: f.value for f in flags.FLAGS.get_key_flags_for_module(sys.modules[__name__])
+        }
         report = program.run_experiment(
             config, flags=flag_values, progress=lambda line: print(line, flush=True)
         )

@@ -7,6 +7,7 @@ The TFF builders other research code imports:
 `fedprompt.program.run_experiment` is the whole benchmark behind `run_experiment.py`.
 """
 
+from fedprompt import execution  # noqa: F401 (registers the TFF clean-up at exit)
 from fedprompt.fed_avg import ClientWeighting, build_fed_avg, build_fed_avg_components
 from fedprompt.fed_sgd import build_fed_sgd, build_fed_sgd_components
 from fedprompt.personalization import (

@@ -90,5 +90,8 @@ def local_context(*, max_concurrent_computation_calls: int = -1) -> Iterator[Non
         reset_context()
 
 
-# Safety net for programs that exit without leaving the context manager.
-atexit.register(stop_worker_processes)
+# Safety net for programs that exit without leaving the context manager. Resetting
+# (not only killing workers) also collects the executor TFF installs at import while
+# the interpreter is whole; otherwise its __del__ fails at shutdown ("'NoneType'
+# object has no attribute 'Popen'").
+atexit.register(reset_context)

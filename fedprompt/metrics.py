@@ -68,9 +68,7 @@ def score_predictions(
 ) -> dict[str, np.ndarray]:
     """Per-example `rougeL` and `exact_match` arrays (max over references)."""
     if len(predictions) != len(references):
-        raise ValueError(
-            f"{len(predictions)} predictions but {len(references)} reference lists."
-        )
+        raise ValueError(f"{len(predictions)} predictions but {len(references)} reference lists.")
     if isinstance(xlingual, bool):
         xlingual = [xlingual] * len(predictions)
     rouge = [

@@ -66,9 +66,7 @@ class PersonalizationGrid:
     momentum: float = 0.9
 
     def __post_init__(self):
-        object.__setattr__(
-            self, "optimizers", tuple(ClientOptimizer(o) for o in self.optimizers)
-        )
+        object.__setattr__(self, "optimizers", tuple(ClientOptimizer(o) for o in self.optimizers))
         if not self.optimizers:
             raise ValueError("`personalization_optimizers` must name at least one optimizer.")
         for name, values, ok, rule in (
@@ -113,8 +111,14 @@ class PersonalizationGrid:
                 if l2 == 0:
                     for alpha in self.interpolation_alphas:
                         points.append(
-                            dict(kind=INTERPOLATION, optimizer=opt, lr=lr, l2=0.0, epochs=epochs,
-                                 alpha=float(alpha))
+                            dict(
+                                kind=INTERPOLATION,
+                                optimizer=opt,
+                                lr=lr,
+                                l2=0.0,
+                                epochs=epochs,
+                                alpha=float(alpha),
+                            )
                         )
         return points
 
@@ -484,17 +488,28 @@ def score_personalization(
     scores = []
     for k in range(len(result["local_loss_sum"])):
         local = evaluation.score_generations(
-            tokenizer, result["local_tokens"][k], result["local_lengths"][k], client.local_generation
+            tokenizer,
+            result["local_tokens"][k],
+            result["local_lengths"][k],
+            client.local_generation,
         )
         global_ = evaluation.score_generations(
             tokenizer, result["global_tokens"][k], result["global_lengths"][k], global_generation
         )
         scores.append(
             dict(
-                local_rougeL=float(local["rougeL"].mean()) if len(local["rougeL"]) else float("nan"),
-                global_rougeL=float(global_["rougeL"].mean()) if len(global_["rougeL"]) else float("nan"),
-                local_exact_match=float(local["exact_match"].mean()) if len(local["rougeL"]) else float("nan"),
-                global_exact_match=float(global_["exact_match"].mean()) if len(global_["rougeL"]) else float("nan"),
+                local_rougeL=float(local["rougeL"].mean())
+                if len(local["rougeL"])
+                else float("nan"),
+                global_rougeL=float(global_["rougeL"].mean())
+                if len(global_["rougeL"])
+                else float("nan"),
+                local_exact_match=float(local["exact_match"].mean())
+                if len(local["rougeL"])
+                else float("nan"),
+                global_exact_match=float(global_["exact_match"].mean())
+                if len(global_["rougeL"])
+                else float("nan"),
                 local_loss=_ratio(result["local_loss_sum"][k], result["local_num_tokens"][k]),
                 global_loss=_ratio(result["global_loss_sum"][k], result["global_num_tokens"][k]),
             )

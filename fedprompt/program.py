@@ -140,7 +140,9 @@ class ExperimentConfig:
             raise ConfigError(f"--{name}: {message}")
 
         choice = lambda name, value, options: (  # noqa: E731
-            None if value in options else fail(name, f"must be one of {list(options)}, got {value!r}.")
+            None
+            if value in options
+            else fail(name, f"must be one of {list(options)}, got {value!r}.")
         )
         choice("algorithm", self.algorithm, ALGORITHMS)
         choice("partition", self.partition, PARTITIONS)
@@ -181,7 +183,9 @@ class ExperimentConfig:
             "max_global_test_examples",
         ):
             value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, int) or value < 1
+            ):
                 fail(name, f"must be an integer >= 1 or unset, got {value!r}.")
         if self.local_epochs is None and self.local_steps is None:
             fail("local_epochs", "set --local_epochs or --local_steps (both unset never stops).")
@@ -189,7 +193,9 @@ class ExperimentConfig:
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
                 fail(name, f"must be a finite number > 0, got {value!r}.")
-        if self.clip_norm is not None and not (math.isfinite(self.clip_norm) and self.clip_norm > 0):
+        if self.clip_norm is not None and not (
+            math.isfinite(self.clip_norm) and self.clip_norm > 0
+        ):
             fail("clip_norm", f"must be > 0 or unset, got {self.clip_norm!r}.")
         if self.clients_per_round > self.num_clients:
             fail(
@@ -199,9 +205,15 @@ class ExperimentConfig:
             )
         if self.partition == "dirichlet":
             if self.alpha is None or not self.alpha > 0:
-                fail("alpha", f"--partition=dirichlet needs --alpha > 0 (inf = IID), got {self.alpha!r}.")
+                fail(
+                    "alpha",
+                    f"--partition=dirichlet needs --alpha > 0 (inf = IID), got {self.alpha!r}.",
+                )
         elif self.alpha is not None:
-            fail("alpha", f"is only used with --partition=dirichlet, not {self.partition!r}; unset it.")
+            fail(
+                "alpha",
+                f"is only used with --partition=dirichlet, not {self.partition!r}; unset it.",
+            )
         if self.partition == "home_fraction":
             if self.home_fraction is None or not 0 <= self.home_fraction <= 1:
                 fail(
@@ -224,7 +236,10 @@ class ExperimentConfig:
         if self.algorithm == "fedsgd":
             for name in ("client_momentum", "clip_norm", "local_steps"):
                 if getattr(self, name) is not None:
-                    fail(name, "is not used by --algorithm=fedsgd (one full-batch gradient); unset it.")
+                    fail(
+                        name,
+                        "is not used by --algorithm=fedsgd (one full-batch gradient); unset it.",
+                    )
         if self.data != SYNTHETIC and not os.path.isdir(os.path.expanduser(self.data)):
             fail(
                 "data",
@@ -232,10 +247,14 @@ class ExperimentConfig:
                 "directory (a natural-instructions clone or a folder of task JSON files).",
             )
         if self.data == SYNTHETIC and self.max_instances_per_task is not None:
-            fail("max_instances_per_task", "is for SNI data; with synthetic data use "
-                 "--synthetic_instances_per_task.")
+            fail(
+                "max_instances_per_task",
+                "is for SNI data; with synthetic data use --synthetic_instances_per_task.",
+            )
         if self.num_validation_clients + self.num_test_clients == 0:
-            fail("num_test_clients", "personalization needs at least one validation or test client.")
+            fail(
+                "num_test_clients", "personalization needs at least one validation or test client."
+            )
         try:
             self.personalization_grid()
         except ValueError as e:
@@ -251,7 +270,9 @@ class ExperimentConfig:
         )
 
     def to_json(self) -> dict[str, Any]:
-        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}
+        return {
+            k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()
+        }
 
 
 # ----------------------------------------------------------------------------- data
@@ -301,7 +322,9 @@ def build_data(config: ExperimentConfig, backbone: backbones.ResolvedBackbone) -
     except ValueError as e:
         raise ConfigError(f"--partition={config.partition}: {e}") from e
     encode = dict(
-        tokenizer=backbone.tokenizer, template=backbone.template, sequence_length=config.sequence_length
+        tokenizer=backbone.tokenizer,
+        template=backbone.template,
+        sequence_length=config.sequence_length,
     )
 
     def batches(examples, seed=None):
@@ -323,7 +346,10 @@ def build_data(config: ExperimentConfig, backbone: backbones.ResolvedBackbone) -
         raise ConfigError(f"--sequence_length: {e}") from e
     pooled = batches([e for c in split.train_clients for e in c.examples], seed=config.seed)
     evaluation_clients = []
-    for population, clients in (("validation", split.validation_clients), ("test", split.test_clients)):
+    for population, clients in (
+        ("validation", split.validation_clients),
+        ("test", split.test_clients),
+    ):
         for c in clients:
             local_test = list(c.local_test)[: config.max_local_test_examples or None]
             evaluation_clients.append(
@@ -339,7 +365,9 @@ def build_data(config: ExperimentConfig, backbone: backbones.ResolvedBackbone) -
     if config.max_global_test_examples and len(global_examples) > config.max_global_test_examples:
         # A fixed, category-interleaved subsample (the split orders by category).
         order = np.random.default_rng(config.seed).permutation(len(global_examples))
-        global_examples = [global_examples[i] for i in sorted(order[: config.max_global_test_examples])]
+        global_examples = [
+            global_examples[i] for i in sorted(order[: config.max_global_test_examples])
+        ]
     if not global_examples:
         raise ConfigError("--global_test_per_category: the global test set is empty; set it >= 1.")
     return ExperimentData(
@@ -368,8 +396,11 @@ def build_training_process(
     loss_fn = lambda: model_fn().loss  # noqa: E731
     if config.algorithm == "fedsgd":
         return build_fed_sgd(
-            model_fn=loss_fn, prompt_shape=prompt_shape, batch_spec=spec,
-            initial_prompt=initial_prompt, **server,
+            model_fn=loss_fn,
+            prompt_shape=prompt_shape,
+            batch_spec=spec,
+            initial_prompt=initial_prompt,
+            **server,
         )
     return build_fed_avg(
         model_fn=loss_fn,
@@ -419,7 +450,9 @@ class _Evaluator:
 
     def _clients(self, split: Optional[str]):
         return [
-            i for i, c in enumerate(self.data.evaluation_clients) if split is None or c.split == split
+            i
+            for i, c in enumerate(self.data.evaluation_clients)
+            if split is None or c.split == split
         ]
 
     def evaluate_prompt(self, prompt, split="validation") -> dict:
@@ -490,7 +523,9 @@ def train(
     progress: Callable[[str], None],
 ):
     """Runs the rounds with checkpoint/resume; returns the final prompt."""
-    state_manager = tff.program.FileProgramStateManager(str(output_dir / "checkpoints"), keep_total=2)
+    state_manager = tff.program.FileProgramStateManager(
+        str(output_dir / "checkpoints"), keep_total=2
+    )
     initial_state = process.initialize()
     state, version = asyncio.run(state_manager.load_latest(initial_state))
     if state is None:
@@ -526,9 +561,9 @@ def train(
             row["grad_norm_mean"] = _scalar(metrics["server_grad_norm"])
         evaluated = round_num % config.eval_every == 0 or round_num == config.rounds
         if evaluated:
-            scores = evaluator.evaluate_prompt(state.prompt, "validation") or evaluator.evaluate_prompt(
-                state.prompt, "test"
-            )
+            scores = evaluator.evaluate_prompt(
+                state.prompt, "validation"
+            ) or evaluator.evaluate_prompt(state.prompt, "test")
             row.update({f"val_{k}": v for k, v in scores.items()})
         rows.append(row)
         with writer.as_default(step=round_num):
@@ -573,7 +608,11 @@ def _versions() -> dict:
 def _initial_prompt(config, keras_backbone, tokenizer) -> np.ndarray:
     embeddings = np.asarray(keras_backbone.token_embedding.embeddings)
     init = prompt_model_lib.PromptInit(config.prompt_init)
-    init_ids = tokenizer.encode(config.prompt_init_text) if init is prompt_model_lib.PromptInit.TEXT else None
+    init_ids = (
+        tokenizer.encode(config.prompt_init_text)
+        if init is prompt_model_lib.PromptInit.TEXT
+        else None
+    )
     return prompt_model_lib.create_initial_prompt(
         embedding_matrix=embeddings,
         prompt_length=config.prompt_length,
@@ -622,13 +661,17 @@ def run_experiment(
             f"the backbone's max_sequence_length {max_length}; shorten one of them."
         )
     initial_prompt = _initial_prompt(config, keras_backbone, backbone.tokenizer)
-    frozen = frozen_backbone.save_frozen_backbone(keras_backbone, str(output_dir / "frozen_backbone"))
+    frozen = frozen_backbone.save_frozen_backbone(
+        keras_backbone, str(output_dir / "frozen_backbone")
+    )
     del keras_backbone
     progress(f"data {config.data}: partitioning into clients ({config.partition})")
     data = build_data(config, backbone)
     from tasks.partition import partition_statistics
 
-    (output_dir / "partition.json").write_text(json.dumps(partition_statistics(data.split), indent=1))
+    (output_dir / "partition.json").write_text(
+        json.dumps(partition_statistics(data.split), indent=1)
+    )
     config_path.write_text(
         json.dumps(
             config.to_json()

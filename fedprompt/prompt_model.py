@@ -213,7 +213,9 @@ class PromptTunedLM:
         tokens = self.embed_tokens(token_ids)
         batch_size = tf.shape(tokens)[0]
         prompt = tf.cast(prompt, tokens.dtype)
-        prompts = tf.broadcast_to(prompt[tf.newaxis], [batch_size, tf.shape(prompt)[0], tf.shape(prompt)[1]])
+        prompts = tf.broadcast_to(
+            prompt[tf.newaxis], [batch_size, tf.shape(prompt)[0], tf.shape(prompt)[1]]
+        )
         x = tf.concat([prompts, tokens], axis=1)
         mask = tf.concat(
             [tf.ones([batch_size, tf.shape(prompt)[0]], tf.int32), tf.cast(padding_mask, tf.int32)],

@@ -89,7 +89,11 @@ def test_driver_end_to_end_and_resume(small_preset, tmp_path):
     assert list((out / "tensorboard").iterdir())
     assert list((out / "plots").glob("*.png"))
     recorded = json.loads((out / "config.json").read_text())
-    assert recorded["rounds"] == 3 and recorded["algorithm"] == "fedavg" and recorded["flags"]["clients_per_round"] == 2
+    assert (
+        recorded["rounds"] == 3
+        and recorded["algorithm"] == "fedavg"
+        and recorded["flags"]["clients_per_round"] == 2
+    )
     assert recorded["versions"]["tensorflow_federated"] == "0.87.0"
 
     rounds = _rows(out / "rounds.csv")
@@ -135,7 +139,10 @@ def test_unknown_choice_is_rejected_by_absl(tmp_path):
     "overrides, message",
     [
         (dict(client_learning_rate=-1.0), "--client_learning_rate: must be a finite number > 0"),
-        (dict(partition="dirichlet", alpha=0.0), "--alpha: --partition=dirichlet needs --alpha > 0"),
+        (
+            dict(partition="dirichlet", alpha=0.0),
+            "--alpha: --partition=dirichlet needs --alpha > 0",
+        ),
         (dict(alpha=0.5), "--alpha: is only used with --partition=dirichlet"),
         (dict(clients_per_round=20, num_clients=4), "--clients_per_round: 20 exceeds"),
         (dict(data="/nonexistent/sni"), "--data: '/nonexistent/sni' is not a directory"),

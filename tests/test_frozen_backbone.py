@@ -25,7 +25,9 @@ def _dataset(seq_len=6):
 class FrozenBackboneTest(tf.test.TestCase):
     def _frozen(self, kind):
         backbone = tiny_backbone(kind)
-        frozen = frozen_backbone.save_frozen_backbone(backbone, self.create_tempdir().full_path + "/fb")
+        frozen = frozen_backbone.save_frozen_backbone(
+            backbone, self.create_tempdir().full_path + "/fb"
+        )
         return backbone, frozen
 
     def test_eager_restore_is_bit_identical(self):

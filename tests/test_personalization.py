@@ -92,7 +92,10 @@ class PersonalizationTest(tf.test.TestCase):
         records = []
         for client, result in zip(clients, results):
             records += personalization.score_personalization(
-                grid=grid, client=client, global_generation=global_gen, result=result,
+                grid=grid,
+                client=client,
+                global_generation=global_gen,
+                result=result,
                 tokenizer=IdTokenizer(),
             )
         return results, records
@@ -111,7 +114,17 @@ class PersonalizationTest(tf.test.TestCase):
         # One row per (client, method, lr, epochs, l2/alpha).
         per_client = 2 * (3 + 3 * 3) + 2 * 3  # finetune+interp (3 epochs x 4) + l2 (3 epochs)
         self.assertLen(records, 2 * per_client)
-        keys = {(r["client_id"], r["method"], r["learning_rate"], r["epochs"], r["l2_strength"], r["alpha"]) for r in records}
+        keys = {
+            (
+                r["client_id"],
+                r["method"],
+                r["learning_rate"],
+                r["epochs"],
+                r["l2_strength"],
+                r["alpha"],
+            )
+            for r in records
+        }
         self.assertLen(keys, len(records))
         for result in results:
             r = {k: np.asarray(v) for k, v in result.items()}
@@ -131,7 +144,9 @@ class PersonalizationTest(tf.test.TestCase):
                     self.assertNotAllClose(r["local_loss_sum"][k], r["local_loss_sum"][global_idx])
         # Epoch 0 rows reproduce the global prompt's scores for every method.
         epoch0 = [r for r in records if r["epochs"] == 0 and r["client_id"] == "c0"]
-        self.assertLen({(r["local_rougeL"], r["global_rougeL"], r["local_loss"]) for r in epoch0}, 1)
+        self.assertLen(
+            {(r["local_rougeL"], r["global_rougeL"], r["local_loss"]) for r in epoch0}, 1
+        )
 
     def test_very_large_lambda_keeps_the_global_prompt(self):
         # Adam's step is bounded by lr, so the L2 pull (gradient 1e4 * (P - P_g))

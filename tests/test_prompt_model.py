@@ -81,9 +81,15 @@ class PromptModelTest(tf.test.TestCase, parameterized.TestCase):
         backbone = tiny_backbone(kind)
         model = prompt_model.PromptTunedLM(backbone)
         before = [w.numpy().copy() for w in backbone.weights]
-        prompt = tf.Variable(tf.random.stateless_uniform([3, 16], seed=[3, 4], minval=-0.5, maxval=0.5))
+        prompt = tf.Variable(
+            tf.random.stateless_uniform([3, 16], seed=[3, 4], minval=-0.5, maxval=0.5)
+        )
         initial = prompt.numpy().copy()
-        batch = _batch([[7, 8, 11, 3], [4, 6, 9, 0]], [[1, 1, 1, 1], [1, 1, 1, 0]], [[0, 0, 1, 1], [0, 1, 1, 0]])
+        batch = _batch(
+            [[7, 8, 11, 3], [4, 6, 9, 0]],
+            [[1, 1, 1, 1], [1, 1, 1, 0]],
+            [[0, 0, 1, 1], [0, 1, 1, 0]],
+        )
         optimizer = tf.keras.optimizers.Adam(0.1)
         optimizer.build([prompt])
         for _ in range(3):
@@ -118,7 +124,9 @@ class PromptModelTest(tf.test.TestCase, parameterized.TestCase):
         for i, row in enumerate(rows):
             seq = list(row)
             for _ in range(new_tokens):
-                hidden = model.hidden_states(prompt, tf.constant([seq]), tf.ones([1, len(seq)], tf.int32))
+                hidden = model.hidden_states(
+                    prompt, tf.constant([seq]), tf.ones([1, len(seq)], tf.int32)
+                )
                 seq.append(int(tf.argmax(model.logits_from_hidden(hidden[:, -1]), -1)[0]))
             self.assertEqual(list(tokens.numpy()[i]), seq[len(row) :])
             self.assertEqual(lengths.numpy()[i], new_tokens)
@@ -128,7 +136,9 @@ class PromptModelTest(tf.test.TestCase, parameterized.TestCase):
         model = prompt_model.PromptTunedLM(backbone)
         prompt = tf.zeros([2, 16])
         ids = np.array([[0, 7, 8]], np.int32)
-        free, _ = model.greedy_generate(prompt, ids, [2], max_new_tokens=5, stop_token_ids=[VOCAB + 1])
+        free, _ = model.greedy_generate(
+            prompt, ids, [2], max_new_tokens=5, stop_token_ids=[VOCAB + 1]
+        )
         stop = int(free.numpy()[0, 2])  # make the third generated token the stop token
         tokens, lengths = model.greedy_generate(
             prompt, ids, [2], max_new_tokens=5, stop_token_ids=[stop], pad_token_id=0
@@ -141,7 +151,10 @@ class PromptModelTest(tf.test.TestCase, parameterized.TestCase):
     def test_init_modes_produce_documented_values(self):
         emb = np.arange(40, dtype=np.float32).reshape(10, 4)
         uniform = prompt_model.create_initial_prompt(
-            embedding_matrix=emb, prompt_length=5, init=prompt_model.PromptInit.RANDOM_UNIFORM, seed=0
+            embedding_matrix=emb,
+            prompt_length=5,
+            init=prompt_model.PromptInit.RANDOM_UNIFORM,
+            seed=0,
         )
         expected = np.random.default_rng(0).uniform(-0.5, 0.5, size=(5, 4)).astype(np.float32)
         self.assertAllEqual(uniform, expected)

@@ -111,7 +111,11 @@ def _download_preset(name: str, cache_dir: pathlib.Path) -> pathlib.Path:
     )
     metadata = {"name": name, "source": f"keras-nlp preset {name}", "prompt_template": "sni"}
     return preset_io.write_preset(
-        path, backbone=backbone, tokenizer=text_tokenizer, metadata=metadata, overwrite=path.exists()
+        path,
+        backbone=backbone,
+        tokenizer=text_tokenizer,
+        metadata=metadata,
+        overwrite=path.exists(),
     )
 
 
