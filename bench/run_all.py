@@ -1,0 +1,26 @@
+"""Runs every benchmark in its own process (`make bench`); results go to stdout.
+
+Each benchmark prints its own numbers; copy them into docs/PERFORMANCE.md with the
+command and the machine.
+"""
+
+import subprocess
+import sys
+
+BENCHMARKS = ("bench.bench_partition", "bench.bench_personalization")
+
+
+def main() -> int:
+    failed = []
+    for module in BENCHMARKS:
+        print(f"== python -m {module}", flush=True)
+        if subprocess.call([sys.executable, "-m", module]) != 0:
+            failed.append(module)
+    if failed:
+        print(f"failed: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
