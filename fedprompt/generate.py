@@ -1,12 +1,12 @@
 r"""`fedprompt-generate`: greedy decoding with a backbone and (optionally) a soft prompt.
 
-  fedprompt-generate --backbone=tiny --text="Definition: Reverse the words.
+  python -m fedprompt.generate --backbone=smollm2-135m-instruct \
+      --prompt="What is the capital of France?"
+  fedprompt-generate --backbone=tiny --soft_prompt=results/default/final_prompt.npy \
+      --prompt=$'Definition: Reverse the order of the words.\n\nInput: red blue\nOutput:'
 
-  Input: red blue green
-  Output:"
-  fedprompt-generate --backbone=smollm2-135m-instruct --chat \
-      --text="What is the capital of France?"
-  fedprompt-generate --backbone=tiny --soft_prompt=results/default/final_prompt.npy --text=...
+Chat backbones (template `chatml`, e.g. SmolLM2-Instruct) get the text wrapped as one
+user turn unless `--raw`.
 
 Without `--soft_prompt` the backbone decodes the text alone (the embedding of the
 text's first token stands in for the prompt, so this is plain decoding). With it, the
@@ -24,6 +24,7 @@ from absl import app, flags  # noqa: E402
 
 from fedprompt import backbones, evaluation, prompt_model  # noqa: E402
 from fedprompt.backbones import smollm2  # noqa: E402
+from fedprompt.data_types import PromptTemplate  # noqa: E402
 
 FLAGS = flags.FLAGS
 
@@ -31,8 +32,10 @@ FLAGS = flags.FLAGS
 def _define_flags():
     """CLI flags, defined only when the CLI runs (the library import defines none)."""
     flags.DEFINE_string("backbone", "tiny", "As in run_experiment.py --backbone.")
-    flags.DEFINE_string("text", None, "The input text.", required=True)
-    flags.DEFINE_bool("chat", False, "Wrap the text as one ChatML user turn.")
+    flags.DEFINE_string("prompt", None, "The input text.", required=True)
+    flags.DEFINE_bool(
+        "raw", False, "Do not wrap the text as a ChatML user turn for chat backbones."
+    )
     flags.DEFINE_string("soft_prompt", None, "A [P, H] .npy prompt to prepend.")
     flags.DEFINE_integer("max_new_tokens", 32, "Decoding budget.")
     flags.DEFINE_string("cache_dir", None, "Backbone cache folder.")
@@ -84,7 +87,8 @@ def main(argv):
             if not os.path.isfile(FLAGS.soft_prompt):
                 raise ValueError(f"--soft_prompt={FLAGS.soft_prompt!r} is not a file.")
             soft = np.load(FLAGS.soft_prompt)
-        text = smollm2.chatml_prompt(FLAGS.text) if FLAGS.chat else FLAGS.text
+        chat = resolved.template is PromptTemplate.CHATML and not FLAGS.raw
+        text = smollm2.chatml_prompt(FLAGS.prompt) if chat else FLAGS.prompt
         print(generate_text(resolved, text, soft_prompt=soft, max_new_tokens=FLAGS.max_new_tokens))
     except (ValueError, backbones.BackboneError) as e:
         print(f"error: {e}", file=sys.stderr)
