@@ -7,6 +7,12 @@ The TFF builders other research code imports:
 `fedprompt.program.run_experiment` is the whole benchmark behind `run_experiment.py`.
 """
 
+import os
+
+# Quiet TF's C++ logging unless the user chose a level (DESIGN.md trap 5); this must
+# happen before TensorFlow is first imported, which the imports below do.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
 from fedprompt import execution  # noqa: F401 (registers the TFF clean-up at exit)
 from fedprompt.fed_avg import ClientWeighting, build_fed_avg, build_fed_avg_components
 from fedprompt.fed_sgd import build_fed_sgd, build_fed_sgd_components
