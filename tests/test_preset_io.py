@@ -3,6 +3,7 @@
 import json
 import os
 import pathlib
+import threading
 
 import keras_nlp
 import numpy as np
@@ -210,3 +211,24 @@ class DefaultCacheDirTest(tf.test.TestCase):
 
 if __name__ == "__main__":
     tf.test.main()
+
+
+class CacheEntryLockTest(tf.test.TestCase):
+    def test_second_holder_waits_until_the_first_releases(self):
+        entry = pathlib.Path(self.get_temp_dir()) / "cache" / "tiny-abc"
+        acquired = threading.Event()
+
+        def second_holder():
+            with preset_io.cache_entry_lock(entry):
+                acquired.set()
+
+        with preset_io.cache_entry_lock(entry):
+            thread = threading.Thread(target=second_holder)
+            thread.start()
+            # flock locks belong to the open file, so a second open in this process
+            # blocks exactly like another process would.
+            self.assertFalse(acquired.wait(timeout=0.5))
+        self.assertTrue(acquired.wait(timeout=10))
+        thread.join()
+        self.assertTrue((entry.parent / "tiny-abc.lock").exists())
+        self.assertFalse(entry.exists())  # the lock never creates the entry itself

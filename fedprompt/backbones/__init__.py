@@ -97,6 +97,13 @@ def _download_preset(name: str, cache_dir: pathlib.Path) -> pathlib.Path:
     path = cache_dir / "presets" / name
     if preset_io.is_valid_preset_dir(path):
         return path
+    with preset_io.cache_entry_lock(path):
+        if preset_io.is_valid_preset_dir(path):  # written while we waited for the lock
+            return path
+        return _download_preset_locked(name, path)
+
+
+def _download_preset_locked(name: str, path: pathlib.Path) -> pathlib.Path:
     try:
         backbone = keras_nlp.models.Backbone.from_preset(name)
         tokenizer = keras_nlp.models.Tokenizer.from_preset(name)

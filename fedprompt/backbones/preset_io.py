@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import fcntl
 import json
 import os
 import pathlib
@@ -59,6 +60,26 @@ def default_cache_dir() -> pathlib.Path:
         return pathlib.Path(os.environ["FEDPROMPT_CACHE"]).expanduser()
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join("~", ".cache")
     return pathlib.Path(base).expanduser() / "fedprompt"
+
+
+@contextlib.contextmanager
+def cache_entry_lock(path: PathLike):
+    """Holds an exclusive lock on the cache entry `path` (a `<path>.lock` file).
+
+    Several runs sharing one cache (a sweep, parallel tests, two terminals) would
+    otherwise all build the same missing entry at once, wasting minutes of CPU
+    each, and the later ones would find the directory already written. Callers
+    check the entry again after acquiring the lock: the lock's previous holder may
+    have built it.
+    """
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "w") as lock_file:
+        fcntl.flock(lock_file, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock_file, fcntl.LOCK_UN)
 
 
 def _serialize(layer) -> dict[str, Any]:

@@ -267,8 +267,11 @@ def load_or_convert_smollm2(
     path = cached_preset_dir(cache_dir)
     if _cache_is_current(path, source):
         return path
-    # A stale or broken cache entry is replaced atomically.
-    return convert_smollm2(output_dir=path, gguf_path=source, overwrite=path.exists())
+    with preset_io.cache_entry_lock(path):
+        if _cache_is_current(path, source):  # converted while we waited for the lock
+            return path
+        # A stale or broken cache entry is replaced atomically.
+        return convert_smollm2(output_dir=path, gguf_path=source, overwrite=path.exists())
 
 
 def chatml_prompt(user_message: str) -> str:

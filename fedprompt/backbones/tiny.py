@@ -396,4 +396,7 @@ def build_or_load_tiny(
     path = cached_preset_dir(cache_dir, seed=seed, config=config)
     if preset_io.is_valid_preset_dir(path):
         return path
-    return build_tiny(output_dir=path, seed=seed, config=config, overwrite=path.exists())
+    with preset_io.cache_entry_lock(path):
+        if preset_io.is_valid_preset_dir(path):  # built while we waited for the lock
+            return path
+        return build_tiny(output_dir=path, seed=seed, config=config, overwrite=path.exists())
