@@ -108,6 +108,11 @@ _SEED = flags.DEFINE_integer("seed", 0, "Seeds data, partition, prompt init and 
 _OUTPUT_DIR = flags.DEFINE_string(
     "output_dir", "results/default", "Results directory (rerun to resume)."
 )
+_OVERWRITE = flags.DEFINE_bool(
+    "overwrite",
+    False,
+    "Delete --output_dir first and start over (default: resume a compatible run there).",
+)
 _CACHE_DIR = flags.DEFINE_string(
     "cache_dir", None, "Backbone cache (default $FEDPROMPT_CACHE or ~/.cache/fedprompt)."
 )
@@ -231,7 +236,10 @@ def main(argv):
             f.name: f.value for f in flags.FLAGS.get_key_flags_for_module(sys.modules[__name__])
         }
         report = program.run_experiment(
-            config, flags=flag_values, progress=lambda line: print(line, flush=True)
+            config,
+            flags=flag_values,
+            progress=lambda line: print(line, flush=True),
+            overwrite=_OVERWRITE.value,
         )
     except (FlagError, program.ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -498,6 +498,24 @@ def _read_rounds(path: pathlib.Path, up_to: int) -> list[dict]:
         return [row for row in csv.DictReader(f) if int(row["round"]) <= up_to]
 
 
+def _write_atomic(path: pathlib.Path, write: Callable[[Any], None], *, binary=False) -> None:
+    """Writes `path` via a temp file + `os.replace`: a kill never leaves half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb" if binary else "w", **({} if binary else {"newline": ""})) as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _write_text(path: pathlib.Path, text: str) -> None:
+    _write_atomic(path, lambda f: f.write(text))
+
+
+class NonFiniteRoundError(ConfigError):
+    """Every client of a round had a non-finite update; the run cannot continue."""
+
+
 def _write_csv(path: pathlib.Path, columns: Sequence[str], rows: Sequence[dict]) -> None:
     tmp = path.with_suffix(".tmp")
     with open(tmp, "w", newline="") as f:
@@ -550,7 +568,25 @@ def train(
                 clients_per_round=config.clients_per_round,
             )
             client_data = [data.train_datasets[i] for i in chosen]
+        previous_state = state
         state, metrics = process.next(state, client_data)
+        num_clients = int(_scalar(metrics.get("num_clients", 0)))
+        if num_clients and int(_scalar(metrics["num_nonfinite_clients"])) == num_clients:
+            # Keep the last good state on disk (the bad round changed nothing).
+            versions = asyncio.run(state_manager.get_versions()) or []
+            if round_num > 1 and round_num - 1 not in versions:
+                asyncio.run(state_manager.save(previous_state, round_num - 1))
+            kept = (
+                f"the state after round {round_num - 1} is kept"
+                if round_num > 1
+                else ("no state was saved")
+            )
+            raise NonFiniteRoundError(
+                f"round {round_num}: all {num_clients} clients produced a non-finite "
+                f"(NaN/Inf) update, so training cannot continue ({kept} in {output_dir}). "
+                "Lower --client_learning_rate (or --server_learning_rate), or set --clip_norm, "
+                "and rerun with a new --output_dir or --overwrite."
+            )
         elapsed = previous_elapsed + time.perf_counter() - started
         row = {"round": round_num, "elapsed_s": round(elapsed, 3)}
         for key in ROUND_COLUMNS[2:12]:
@@ -628,22 +664,51 @@ def run_experiment(
     *,
     flags: Optional[dict] = None,
     progress: Callable[[str], None] = print,
+    overwrite: bool = False,
 ) -> pathlib.Path:
-    """Runs one experiment end to end; returns the path of its `report.md`."""
+    """Runs one experiment end to end; returns the path of its `report.md`.
+
+    A rerun with the same `output_dir` resumes a compatible run (same settings;
+    `rounds` may grow); a different one is refused unless `overwrite`, which
+    deletes the directory first.
+    """
     config.validate()
     output_dir = pathlib.Path(config.output_dir).expanduser()
-    output_dir.mkdir(parents=True, exist_ok=True)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise ConfigError(
+            f"--output_dir={output_dir} is a file, not a directory; pick another path."
+        )
+    if overwrite and output_dir.exists():
+        progress(f"--overwrite: deleting {output_dir}")
+        shutil.rmtree(output_dir)
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"--output_dir={output_dir} cannot be created ({e.strerror}).") from e
+    if not os.access(output_dir, os.W_OK | os.X_OK):
+        raise ConfigError(f"--output_dir={output_dir} is not writable; pick another path.")
     config_path = output_dir / "config.json"
     if config_path.exists():
-        previous = json.loads(config_path.read_text())
+        try:
+            previous = json.loads(config_path.read_text())
+            if not isinstance(previous, dict):
+                raise ValueError("not a JSON object")
+        except ValueError as e:
+            raise ConfigError(
+                f"--output_dir={output_dir}: config.json is unreadable ({e}); "
+                "pass --overwrite to start over, or use a new --output_dir."
+            ) from e
         # More rounds may be asked for on resume (continue training); nothing else.
-        changed = sorted(
-            k for k, v in config.to_json().items() if k != "rounds" and previous.get(k, v) != v
-        )
+        changed = [
+            f"--{k}: {previous[k]!r} -> {v!r}"
+            for k, v in config.to_json().items()
+            if k not in ("rounds", "output_dir") and k in previous and previous[k] != v
+        ]
         if changed:
             raise ConfigError(
-                f"--output_dir={output_dir} holds a run with different settings ({', '.join(changed)}); "
-                "use a new --output_dir, or delete that directory to start over."
+                f"--output_dir={output_dir} holds a run with different settings "
+                f"({'; '.join(changed)}); rerun with the old values to resume, pass --overwrite "
+                "to delete it and start over, or use a new --output_dir."
             )
     start = time.perf_counter()
     progress(f"backbone {config.backbone}: resolving (first use builds and caches it)")
@@ -669,10 +734,11 @@ def run_experiment(
     data = build_data(config, backbone)
     from tasks.partition import partition_statistics
 
-    (output_dir / "partition.json").write_text(
-        json.dumps(partition_statistics(data.split), indent=1)
+    _write_text(
+        output_dir / "partition.json", json.dumps(partition_statistics(data.split), indent=1)
     )
-    config_path.write_text(
+    _write_text(
+        config_path,
         json.dumps(
             config.to_json()
             | {
@@ -681,7 +747,7 @@ def run_experiment(
                 "versions": _versions(),
             },
             indent=1,
-        )
+        ),
     )
     prompt_shape = tuple(initial_prompt.shape)
     model_fn = lambda: prompt_model_lib.PromptTunedLM(frozen_backbone.restore_backbone(frozen))  # noqa: E731
@@ -714,7 +780,9 @@ def run_experiment(
                 output_dir=output_dir,
                 progress=progress,
             )
-        np.save(output_dir / "final_prompt.npy", final_prompt)
+        _write_atomic(
+            output_dir / "final_prompt.npy", lambda f: np.save(f, final_prompt), binary=True
+        )
         progress(
             f"personalization: {len(data.evaluation_clients)} clients x "
             f"{len(evaluation_process.grid.evaluated_points())} prompts"
