@@ -304,8 +304,12 @@ def load_tasks(config: ExperimentConfig):
 def build_data(config: ExperimentConfig, backbone: backbones.ResolvedBackbone) -> ExperimentData:
     from tasks.partition import build_federated_split
     from tasks.preprocess import build_dataset, build_generation_inputs
+    from tasks.sni import SniFormatError
 
-    tasks = load_tasks(config)
+    try:
+        tasks = load_tasks(config)
+    except (SniFormatError, FileNotFoundError, KeyError) as e:
+        raise ConfigError(f"--data={config.data}: {str(e).strip(chr(34))}") from e
     try:
         split = build_federated_split(
             tasks,
