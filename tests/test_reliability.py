@@ -5,7 +5,10 @@ The matrix test reads its rows from the table in docs/RELIABILITY.md, so the
 documented error text and the tested one cannot drift apart.
 """
 
+import asyncio
+import collections
 import csv
+import dataclasses
 import json
 import os
 import pathlib
@@ -14,10 +17,13 @@ import shlex
 import signal
 import subprocess
 import sys
+import types
 
 import numpy as np
 import psutil
 import pytest
+import tensorflow as tf
+import tensorflow_federated as tff
 from absl import flags
 from absl.testing import flagsaver
 
@@ -228,3 +234,111 @@ def test_killed_runs_resume_to_the_uninterrupted_results(small_preset, reference
     assert not re.search(r"^round \d+/", stdout, re.M), stdout
     _assert_same_results(out, reference_run)
     assert not list(out.glob("*.tmp"))
+
+
+# ------------------------------------------------------------- non-finite clients
+
+
+@pytest.fixture(scope="module")
+def training_setup(small_preset, tmp_path_factory):
+    """Data and a FedAvg process whose loss is Inf on a client with corrupted data.
+
+    Corruption: token id -1 somewhere in a batch (clamped before the model, so
+    the forward pass still runs); the loss, and so the gradient and the delta,
+    become non-finite exactly for the clients holding such a batch.
+    """
+    from fedprompt import backbones, frozen_backbone, prompt_model
+
+    root = tmp_path_factory.mktemp("nonfinite")
+    config = program.ExperimentConfig(
+        output_dir=str(root),
+        backbone=str(small_preset),
+        num_clients=3,
+        clients_per_round=3,
+        num_validation_clients=1,
+        num_test_clients=1,
+        synthetic_instances_per_task=10,
+        global_test_per_category=1,
+        max_global_test_examples=2,
+        sequence_length=64,
+        prompt_length=2,
+        batch_size=4,
+        rounds=2,
+        eval_every=100,
+        checkpoint_every=1,
+        personalization_epochs=(0,),
+    )
+    backbone = backbones.resolve_backbone(config.backbone)
+    keras_backbone = backbone.load_keras_backbone()
+    initial_prompt = program._initial_prompt(config, keras_backbone, backbone.tokenizer)
+    frozen = frozen_backbone.save_frozen_backbone(keras_backbone, str(root / "frozen"))
+    data = program.build_data(config, backbone)
+
+    def model_fn():
+        lm = prompt_model.PromptTunedLM(frozen_backbone.restore_backbone(frozen))
+
+        def loss(prompt, batch):
+            corrupted = tf.reduce_any(batch["token_ids"] < 0)
+            clean = dict(batch, token_ids=tf.maximum(batch["token_ids"], 0))
+            loss_sum, count = lm.loss(prompt, clean)
+            return loss_sum * tf.where(corrupted, float("inf"), 1.0), count
+
+        return types.SimpleNamespace(loss=loss)
+
+    process = program.build_training_process(
+        config, model_fn=model_fn, prompt_shape=initial_prompt.shape, initial_prompt=initial_prompt
+    )
+    return config, data, process, initial_prompt
+
+
+def _corrupt(dataset):
+    def corrupt(batch):
+        ids = tf.tensor_scatter_nd_update(batch["token_ids"], [[0, 0]], [-1])
+        return collections.OrderedDict(
+            (k, ids if k == "token_ids" else v) for k, v in batch.items()
+        )
+
+    return dataset.map(corrupt)
+
+
+def _train(config, data, process, output_dir, **overrides):
+    return program.train(
+        dataclasses.replace(config, output_dir=str(output_dir), **overrides),
+        process=process,
+        data=data,
+        evaluator=types.SimpleNamespace(evaluate_prompt=lambda prompt, split: {}),
+        output_dir=output_dir,
+        progress=lambda line: None,
+    )
+
+
+def test_one_nonfinite_client_is_excluded_counted_and_the_run_continues(training_setup, tmp_path):
+    config, data, process, initial_prompt = training_setup
+    bad = dataclasses.replace(
+        data, train_datasets=[_corrupt(data.train_datasets[0])] + data.train_datasets[1:]
+    )
+    prompt = _train(config, bad, process, tmp_path)
+    rows = _csv(tmp_path / "rounds.csv")
+    assert [r["round"] for r in rows] == ["1", "2"]
+    for r in rows:
+        assert (float(r["num_clients"]), float(r["num_nonfinite_clients"])) == (3, 1), r
+        assert np.isfinite(float(r["train_loss"])) and float(r["update_norm_max"]) > 0
+    assert np.all(np.isfinite(prompt)) and not np.allclose(prompt, initial_prompt)
+
+
+def test_all_nonfinite_clients_stop_the_run_and_keep_the_last_good_state(training_setup, tmp_path):
+    config, data, process, _ = training_setup
+    good = _train(config, data, process, tmp_path)  # rounds 1-2, saved
+    bad = dataclasses.replace(data, train_datasets=[_corrupt(d) for d in data.train_datasets])
+    with pytest.raises(program.NonFiniteRoundError) as raised:
+        _train(config, bad, process, tmp_path, rounds=4)
+    # Round 3 is already bad: the error names it; the state kept is round 2's.
+    assert str(raised.value).startswith("round 3: all 3 clients produced a non-finite"), (
+        raised.value
+    )
+    assert "--client_learning_rate" in str(raised.value)
+    assert [r["round"] for r in _csv(tmp_path / "rounds.csv")] == ["1", "2"]
+    manager = tff.program.FileProgramStateManager(str(tmp_path / "checkpoints"))
+    state, version = asyncio.run(manager.load_latest(process.initialize()))
+    assert version == 2
+    np.testing.assert_array_equal(np.asarray(state.prompt), good)
