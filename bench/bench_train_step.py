@@ -219,27 +219,31 @@ def load_model(name: str):
     return prompt_model.PromptTunedLM(resolved.load_keras_backbone())
 
 
-_BACKBONES = flags.DEFINE_list("backbones", ["tiny", "smollm2-135m-instruct"], "Backbones.")
-_BATCHES = flags.DEFINE_list("batch_sizes", ["4", "8"], "Batch sizes.")
-_SEQS = flags.DEFINE_list("sequence_lengths", ["64", "128"], "Sequence lengths.")
-_MODES = flags.DEFINE_list("modes", ["eager", "function", "xla"], "Execution modes.")
-_REPEATS = flags.DEFINE_integer("repeats", 5, "Timed repetitions after warm-up.")
+def define_flags():
+    """Only when run as a script: bench_round and bench_generate import this module."""
+    flags.DEFINE_list("backbones", ["tiny", "smollm2-135m-instruct"], "Backbones.")
+    flags.DEFINE_list("batch_sizes", ["4", "8"], "Batch sizes.")
+    flags.DEFINE_list("sequence_lengths", ["64", "128"], "Sequence lengths.")
+    flags.DEFINE_list("modes", ["eager", "function", "xla"], "Execution modes.")
+    flags.DEFINE_integer("repeats", 5, "Timed repetitions after warm-up.")
 
 
 def main(argv):
     del argv
+    f = flags.FLAGS
     rate = matmul_gflops()
-    for name in _BACKBONES.value:
+    for name in f.backbones:
         model = load_model(name)
-        for batch in map(int, _BATCHES.value):
-            for seq in map(int, _SEQS.value):
-                for mode in _MODES.value:
+        for batch in map(int, f.batch_sizes):
+            for seq in map(int, f.sequence_lengths):
+                for mode in f.modes:
                     result = bench_config(
                         model, name=name, batch=batch, seq=seq, mode=mode,
-                        repeats=_REPEATS.value, matmul_rate=rate,
+                        repeats=f.repeats, matmul_rate=rate,
                     )  # fmt: skip
                     print(json.dumps(result), flush=True)
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

@@ -1,0 +1,181 @@
+"""Federated round time through TFF against the same client updates in a plain TF loop.
+
+One JSON line per backbone:
+
+    python -m bench.bench_round [--backbones=tiny,smollm2-135m-instruct]
+        [--clients=4] [--local_steps=4] [--batch_size=4] [--sequence_length=64] [--repeats=5]
+
+Each client holds `local_steps` synthetic batches and trains one epoch with SGD.
+`plain_loop_s`: `client_update.client_update` for every client in one traced
+`tf.function` on the eagerly loaded backbone, then the example-weighted mean of
+the deltas: the same computation without TFF. `round_s`: `next` of
+`fedprompt.build_fed_avg` (backbone restored from a frozen checkpoint inside the
+client computation). `overhead` = round_s / plain_loop_s - 1.
+`share_outside_training_steps` = 1 - clients x steps x (median tf.function step
+time, measured in the same process) / round_s.
+The plain loop runs first: a Keras model built eagerly must not be used after
+layers were built inside a TFF computation (DESIGN.md trap 2).
+"""
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import collections  # noqa: E402
+import json  # noqa: E402
+import statistics  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+from absl import app, flags  # noqa: E402
+
+from bench import bench_train_step as common  # noqa: E402
+from fedprompt import (  # noqa: E402
+    backbones,
+    client_update,
+    data_types,
+    execution,
+    fed_avg,
+    frozen_backbone,
+    prompt_model,
+)
+
+
+def client_datasets(vocab, *, clients, steps, batch, seq):
+    datasets = []
+    for c in range(clients):
+        rows = [common.synthetic_batch(vocab, batch, seq, seed=100 * c + s) for s in range(steps)]
+        stacked = {
+            "token_ids": np.concatenate([r["token_ids"].numpy() for r in rows]),
+            "padding_mask": np.concatenate([r["padding_mask"].numpy() for r in rows]).astype(bool),
+            "target_mask": np.concatenate([r["target_mask"].numpy() for r in rows]).astype(bool),
+        }
+        ds = tf.data.Dataset.from_tensor_slices(stacked).batch(batch)
+        datasets.append(
+            ds.map(
+                lambda b: collections.OrderedDict(
+                    (k, b[k]) for k in ("token_ids", "padding_mask", "target_mask")
+                )
+            )
+        )
+    return datasets
+
+
+def _timed(fn, repeats):
+    start = time.perf_counter()
+    fn()
+    first = time.perf_counter() - start
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return first, times
+
+
+def bench_round(name, *, clients=4, steps=4, batch=4, seq=64, repeats=5, step_repeats=5):
+    resolved = backbones.resolve_backbone(name)
+    keras_backbone = resolved.load_keras_backbone()
+    model = prompt_model.PromptTunedLM(keras_backbone)
+    shape = (common.PROMPT_LENGTH, model.hidden_dim)
+    initial = np.asarray(tf.random.stateless_uniform(shape, [0, 1], -0.5, 0.5))
+    datasets = client_datasets(
+        model.vocabulary_size, clients=clients, steps=steps, batch=batch, seq=seq
+    )
+
+    # Plain TF loop: the same client update, every client, then the weighted mean.
+    prompt_var = tf.Variable(tf.zeros(shape))
+    optimizer = tf.keras.optimizers.SGD(0.01)
+    optimizer.build([prompt_var])
+
+    @tf.function
+    def plain_round(prompt):
+        deltas, weights = [], []
+        for ds in datasets:
+            out = client_update.client_update(
+                loss_fn=model.loss, prompt_variable=prompt_var, initial_prompt=prompt,
+                dataset=ds, optimizer=optimizer, num_epochs=1, max_steps=None,
+            )  # fmt: skip
+            deltas.append(out.prompt_delta * tf.cast(out.num_examples, tf.float32))
+            weights.append(tf.cast(out.num_examples, tf.float32))
+        return prompt + tf.add_n(deltas) / tf.add_n(weights)
+
+    plain_first, plain_times = _timed(lambda: plain_round(tf.constant(initial)).numpy(), repeats)
+
+    # One tf.function train step on the same shape: the clients' training-step time.
+    step_result = common.bench_config(
+        model, name=name, batch=batch, seq=seq, mode="function", repeats=step_repeats,
+        matmul_rate=1.0,
+    )  # fmt: skip
+    step_s = step_result["step_s_median"]
+
+    with tempfile.TemporaryDirectory() as tmp:
+        frozen = frozen_backbone.save_frozen_backbone(keras_backbone, os.path.join(tmp, "frozen"))
+
+        def model_fn():
+            return prompt_model.PromptTunedLM(frozen_backbone.restore_backbone(frozen)).loss
+
+        with execution.local_context():
+            start = time.perf_counter()
+            process = fed_avg.build_fed_avg(
+                model_fn=model_fn, prompt_shape=shape, batch_spec=data_types.batch_spec(seq),
+                initial_prompt=initial, client_optimizer=fed_avg.ClientOptimizer.SGD,
+                client_learning_rate=0.01, local_epochs=1,
+            )  # fmt: skip
+            build_s = time.perf_counter() - start
+            state = process.initialize()
+            holder = {"state": state}
+
+            def one_round():
+                holder["state"], _ = process.next(holder["state"], datasets)
+
+            round_first, round_times = _timed(one_round, repeats)
+    round_s = statistics.median(round_times)
+    plain_s = statistics.median(plain_times)
+    return {
+        "benchmark": "fed_avg_round",
+        "backbone": name,
+        "clients": clients,
+        "local_steps": steps,
+        "batch_size": batch,
+        "sequence_length": seq,
+        "prompt_length": common.PROMPT_LENGTH,
+        "round_s_median": round(round_s, 4),
+        "round_s_all": [round(t, 4) for t in round_times],
+        "round_first_call_s": round(round_first, 3),
+        "build_fed_avg_s": round(build_s, 3),
+        "plain_loop_s_median": round(plain_s, 4),
+        "plain_loop_s_all": [round(t, 4) for t in plain_times],
+        "plain_loop_first_call_s": round(plain_first, 3),
+        "overhead": round(round_s / plain_s - 1.0, 4),
+        "train_step_s_median": step_s,
+        "share_outside_training_steps": round(1.0 - clients * steps * step_s / round_s, 4),
+        "peak_rss_mib": common.peak_rss_mib(),
+        "peak_rss_note": "this process only; TFF's worker_binary children not included",
+        "repeats": repeats,
+        "machine": common.machine_info(),
+    }
+
+
+_BACKBONES = flags.DEFINE_list("backbones", ["tiny", "smollm2-135m-instruct"], "Backbones.")
+_CLIENTS = flags.DEFINE_integer("clients", 4, "Clients per round.")
+_STEPS = flags.DEFINE_integer("local_steps", 4, "Batches (= local steps) per client.")
+_BATCH = flags.DEFINE_integer("batch_size", 4, "Batch size.")
+_SEQ = flags.DEFINE_integer("sequence_length", 64, "Sequence length.")
+_REPEATS = flags.DEFINE_integer("repeats", 5, "Timed rounds after the first.")
+
+
+def main(argv):
+    del argv
+    for name in _BACKBONES.value:
+        result = bench_round(
+            name, clients=_CLIENTS.value, steps=_STEPS.value, batch=_BATCH.value,
+            seq=_SEQ.value, repeats=_REPEATS.value,
+        )  # fmt: skip
+        print(json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    app.run(main)
