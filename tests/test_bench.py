@@ -1,0 +1,50 @@
+"""Smoke test of the bench scripts' core functions on a tiny config (no timing asserts)."""
+
+import json
+
+import keras_nlp
+import pytest
+
+from bench import bench_generate, bench_train_step
+from fedprompt import prompt_model
+
+
+@pytest.fixture(scope="module")
+def model():
+    backbone = keras_nlp.models.GPT2Backbone(
+        vocabulary_size=64, num_layers=1, num_heads=2, hidden_dim=16,
+        intermediate_dim=32, max_sequence_length=64,
+    )  # fmt: skip
+    return prompt_model.PromptTunedLM(backbone)
+
+
+def test_flop_counter_matches_hand_computation():
+    dims = dict(num_layers=1, hidden_dim=16, intermediate_dim=32, num_heads=2, num_kv_heads=2,
+                vocabulary_size=64, gated_mlp=False)  # fmt: skip
+    # batch 2 x 10 positions, 6 target rows.
+    linear = 2 * 20 * (4 * 16 * 16 + 2 * 16 * 32)  # q,k,v,o + 2 MLP matmuls
+    attention = 2 * 2 * 2 * 10 * 10 * 16  # QK^T and AV
+    head = 2 * 6 * 16 * 64
+    flops = bench_train_step.step_flops(dims, batch=2, positions=10, targets=6)
+    assert flops["forward"] == linear + attention + head
+    assert flops["total"] == 2 * linear + 3 * attention + 2 * head
+
+
+@pytest.mark.parametrize("mode", ["eager", "function", "xla"])
+def test_train_step_schema(model, mode):
+    result = bench_train_step.bench_config(
+        model, name="toy", batch=2, seq=8, mode=mode, repeats=1, matmul_rate=1.0
+    )
+    json.dumps(result)
+    for key in ("step_s_median", "tokens_per_s", "flops_per_step", "achieved_gflops",
+                "fraction_of_matmul_rate", "peak_rss_mib", "machine"):  # fmt: skip
+        assert key in result
+    assert "loadavg" in result["machine"]
+
+
+def test_generate_schema(model):
+    result = bench_generate.bench_generate(model, name="toy", batch=2, input_length=4,
+                                           new_tokens=3, repeats=1)  # fmt: skip
+    json.dumps(result)
+    assert result["generated_tokens"] == 6
+    assert result["generated_tokens_per_s"] > 0
