@@ -9,7 +9,7 @@ STAMP := $(VENV)/.fedprompt-installed
 PIP := $(BIN)/python -m pip --disable-pip-version-check
 export TF_CPP_MIN_LOG_LEVEL ?= 3
 
-.PHONY: install demo test test-all lint format bench lock clean
+.PHONY: install demo test test-all lint format bench bench-peer lock clean
 
 install: $(STAMP)
 
@@ -42,6 +42,12 @@ format: install
 
 bench: install
 	$(BIN)/python -m bench.run_all
+
+# The PyTorch + peft reference (issue 9) in its own venv; never touches $(VENV).
+bench-peer: install
+	test -x .venv-peer/bin/python || $(PYTHON) -m venv .venv-peer
+	.venv-peer/bin/pip install --quiet -r requirements/peer.txt
+	.venv-peer/bin/python bench/bench_peer_torch.py
 
 # Regenerates requirements/lock.txt from base.txt, nodeps.txt and extras.txt in
 # the install order that works (DESIGN.md section 3), in a throwaway venv.

@@ -66,8 +66,10 @@ def load_model():
     from transformers import AutoModelForCausalLM
 
     path = gguf_path()
-    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name)
-    return model.float().eval()
+    model = AutoModelForCausalLM.from_pretrained(
+        str(path.parent), gguf_file=path.name, dtype="float32"
+    )  # transformers dequantizes the GGUF weights to float32 on load
+    return model.eval()
 
 
 def bench_train(model, *, batch, seq, repeats):

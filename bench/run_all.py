@@ -7,7 +7,13 @@ command and the machine.
 import subprocess
 import sys
 
-BENCHMARKS = ("bench.bench_partition", "bench.bench_personalization")
+BENCHMARKS = (
+    "bench.bench_partition",
+    "bench.bench_personalization",
+    "bench.bench_train_step",
+    "bench.bench_generate",
+    "bench.bench_round",
+)
 
 
 def main() -> int:
