@@ -5,17 +5,33 @@ outlives the Python driver unless it is stopped (DESIGN.md section 5, trap 1):
 `python x.py | tail` and CI steps then hang. Every entry point (driver, tests,
 benchmarks) enters `local_context()`, which resets the context on exit and stops
 every `worker_binary` descendant of this process by pid.
+
+Scale-out: `remote_context(addresses)` runs every computation over TFF's C++
+`worker_binary` services at `host:port` addresses (started with
+`python -m fedprompt.worker --port=N` on each host), splitting a round's clients
+across them with TFF's mergeable execution context; `local_workers(n)` starts n
+such workers on 127.0.0.1 and stops them by pid on exit. A worker that stops
+answering fails the call with `WorkerError` naming it, instead of TFF's default
+of retrying forever.
 """
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import contextlib
 import gc
+import logging
 import os
+import re
 import signal
-from typing import Iterator
+import subprocess
+import tempfile
+import threading
+import time
+from typing import Callable, Iterator, NamedTuple, Optional, Sequence
 
+import grpc
 import psutil
 import tensorflow_federated as tff
 from tensorflow_federated.python.core.impl.context_stack import runtime_error_context
@@ -60,10 +76,15 @@ def stop_worker_processes(timeout: float = 5.0) -> int:
     return len(workers)
 
 
+def _drop_context() -> None:
+    tff.framework.set_default_context(runtime_error_context.RuntimeErrorContext())
+    _close_remote_contexts()
+    gc.collect()
+
+
 def reset_context() -> None:
     """Drops the current TFF context (and its executors) and stops workers."""
-    tff.framework.set_default_context(runtime_error_context.RuntimeErrorContext())
-    gc.collect()
+    _drop_context()
     stop_worker_processes()
 
 
@@ -88,6 +109,386 @@ def local_context(*, max_concurrent_computation_calls: int = -1) -> Iterator[Non
         yield
     finally:
         reset_context()
+
+
+# ----------------------------------------------------------------------------- scale-out
+
+logger = logging.getLogger("fedprompt")
+
+# gRPC caps one message at 2**31 - 1 bytes; TFF's own local context asks for 2 GB.
+MAX_GRPC_MESSAGE_MB = 2047
+DEFAULT_GRPC_MAX_MESSAGE_MB = 2000
+DEFAULT_WORKER_TIMEOUT_S = 60.0
+
+_HOST = re.compile(r"^(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_]([A-Za-z0-9._-]*[A-Za-z0-9_])?)$")
+
+
+class WorkerError(RuntimeError):
+    """A TFF worker is unreachable or failed a call; `addresses` names the worker(s)."""
+
+    def __init__(self, message: str, addresses: Sequence[str] = ()):
+        super().__init__(message)
+        self.addresses = tuple(addresses)
+
+
+def parse_worker_addresses(value) -> tuple[str, ...]:
+    """`"host:port,host:port"` (or a sequence of them) -> validated addresses.
+
+    Raises:
+      ValueError: an address is not `host:port` with a port in 1-65535, or is
+        repeated, or none is given; the message names the offending entry.
+    """
+    items = value.split(",") if isinstance(value, str) else list(value)
+    addresses: list[str] = []
+    for item in (str(i).strip() for i in items):
+        if not item:
+            continue
+        host, sep, port = item.rpartition(":")
+        if not (sep and _HOST.match(host) and port.isdigit() and 1 <= int(port) <= 65535):
+            raise ValueError(
+                f"{item!r} is not host:port with a port in 1-65535 (e.g. 10.0.0.2:8000, [::1]:8000)"
+            )
+        if item in addresses:
+            raise ValueError(f"{item!r} is listed twice (each worker once)")
+        addresses.append(item)
+    if not addresses:
+        raise ValueError("no worker address given (e.g. 10.0.0.2:8000,10.0.0.3:8000)")
+    return tuple(addresses)
+
+
+def _grpc_options(max_message_mb: int) -> list[tuple[str, int]]:
+    size = int(max_message_mb) * 1024 * 1024
+    size = min(size, 2**31 - 1)
+    return [
+        ("grpc.max_message_length", size),
+        ("grpc.max_receive_message_length", size),
+        ("grpc.max_send_message_length", size),
+    ]
+
+
+def _describe_grpc_error(error: Exception) -> str:
+    code = getattr(error, "code", None)
+    details = getattr(error, "details", None)
+    if callable(code) and callable(details):
+        with contextlib.suppress(Exception):
+            name = getattr(code(), "name", code())
+            return f"{name}: {details()}"
+    return f"{type(error).__name__}: {error}"
+
+
+class _WorkerStub(tff.framework.RemoteExecutorGrpcStub):
+    """TFF's gRPC stub, except that failures name the worker and are final.
+
+    TFF retries UNAVAILABLE forever (its remote contexts expect workers to be
+    restarted under them); a worker that died mid-round loses the round's
+    values anyway, so the program stops and resumes from its checkpoint.
+    """
+
+    def __init__(self, channel: grpc.Channel, address: str):
+        super().__init__(channel)
+        self.address = address
+
+    def _call(self, method: Callable, request):
+        try:
+            return method(request)
+        except (grpc.RpcError, tff.framework.RetryableError) as e:
+            raise WorkerError(
+                f"TFF worker {self.address} failed: {_describe_grpc_error(e)}", [self.address]
+            ) from e
+
+    def get_executor(self, request):
+        return self._call(super().get_executor, request)
+
+    def create_value(self, request):
+        return self._call(super().create_value, request)
+
+    def create_struct(self, request):
+        return self._call(super().create_struct, request)
+
+    def create_call(self, request):
+        return self._call(super().create_call, request)
+
+    def create_selection(self, request):
+        return self._call(super().create_selection, request)
+
+    def compute(self, request):
+        return self._call(super().compute, request)
+
+    # Disposal on a worker that is gone has nothing left to free; raising there
+    # (often from a finalizer) would only hide the error that matters.
+    def dispose(self, request):
+        with contextlib.suppress(grpc.RpcError, tff.framework.RetryableError):
+            return super().dispose(request)
+
+    def dispose_executor(self, request):
+        with contextlib.suppress(grpc.RpcError, tff.framework.RetryableError):
+            return super().dispose_executor(request)
+
+
+class _WorkerContext(tff.framework.AsyncContext):
+    """TFF's async context on one remote worker, on an event loop of its own.
+
+    TFF's remote executor makes blocking gRPC calls inside its coroutines, so
+    contexts sharing one event loop (as the mergeable context's do) would run
+    their workers one after another; a loop thread per worker runs them at once.
+    """
+
+    def __init__(self, address: str, *, max_message_mb: int):
+        self.address = address
+        self._channel = grpc.insecure_channel(address, _grpc_options(max_message_mb))
+        stub = _WorkerStub(self._channel, address)
+
+        def stack_fn(cardinalities):
+            # As TFF's local factory: a computation without CLIENTS arguments
+            # still needs a CLIENTS cardinality on the worker.
+            cardinalities.setdefault(tff.CLIENTS, 0)
+            executor = tff.framework.RemoteExecutor(stub)
+            executor.set_cardinalities(cardinalities)
+            return executor
+
+        self._context = tff.framework.AsyncExecutionContext(
+            executor_fn=tff.framework.ResourceManagingExecutorFactory(executor_stack_fn=stack_fn),
+            compiler_fn=tff.backends.native.desugar_and_transform_to_native,
+            transform_args=tff.tensorflow.transform_args,
+            transform_result=tff.tensorflow.transform_result,
+        )
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name=f"tff-worker-{address}", daemon=True
+        )
+        self._thread.start()
+
+    async def invoke(self, comp, arg):
+        future = asyncio.run_coroutine_threadsafe(self._context.invoke(comp, arg), self._loop)
+        return await asyncio.wrap_future(future)
+
+    def close(self) -> None:
+        with contextlib.suppress(RuntimeError):
+            self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=5.0)
+        with contextlib.suppress(Exception):
+            self._channel.close()
+
+
+_remote_contexts: list[_WorkerContext] = []
+
+
+def _close_remote_contexts() -> None:
+    while _remote_contexts:
+        _remote_contexts.pop().close()
+
+
+def unreachable_workers(addresses: Sequence[str], *, timeout: float = 5.0) -> list[str]:
+    """The addresses whose gRPC server does not answer within `timeout` seconds."""
+
+    def answers(address: str) -> bool:
+        with grpc.insecure_channel(address) as channel:
+            try:
+                grpc.channel_ready_future(channel).result(timeout=timeout)
+                return True
+            except grpc.FutureTimeoutError:
+                return False
+
+    # Probed at once, so n dead workers cost one timeout, not n.
+    results: dict[str, bool] = {}
+    threads = [
+        threading.Thread(target=lambda a=a: results.__setitem__(a, answers(a)), daemon=True)
+        for a in addresses
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return [a for a in addresses if not results.get(a, False)]
+
+
+def wait_for_workers(
+    addresses: Sequence[str], *, timeout: float = DEFAULT_WORKER_TIMEOUT_S
+) -> None:
+    """Returns once every worker answers; raises `WorkerError` naming the others."""
+    missing = unreachable_workers(addresses, timeout=timeout)
+    if missing:
+        raise WorkerError(
+            f"TFF worker(s) {', '.join(missing)} did not answer within {timeout:g} s; start "
+            "one with `python -m fedprompt.worker --port=PORT` on each host and check the host, "
+            "port and firewall.",
+            missing,
+        )
+
+
+def create_remote_context(
+    addresses: Sequence[str], *, max_message_mb: int = DEFAULT_GRPC_MAX_MESSAGE_MB
+) -> tff.framework.MergeableCompExecutionContext:
+    """TFF's mergeable context over the workers at `addresses` (`host:port`).
+
+    Each call's CLIENTS-placed arguments are split into one contiguous slice per
+    worker, every slice runs up to the aggregation on its worker, and the partial
+    aggregates are merged; computations without an aggregation (the
+    personalization sweep) are split the same way. The frozen backbone is restored
+    from disk inside the client computation, so its checkpoint path must be
+    readable on every worker.
+    """
+    addresses = parse_worker_addresses(addresses)
+    if not isinstance(max_message_mb, int) or not 0 < max_message_mb <= MAX_GRPC_MESSAGE_MB:
+        raise ValueError(
+            f"`max_message_mb` must be an integer in 1-{MAX_GRPC_MESSAGE_MB}, got {max_message_mb!r}."
+        )
+    contexts = [_WorkerContext(a, max_message_mb=max_message_mb) for a in addresses]
+    _remote_contexts.extend(contexts)
+    return tff.backends.native.create_mergeable_comp_execution_context(contexts)
+
+
+def set_remote_context(
+    addresses: Sequence[str],
+    *,
+    max_message_mb: int = DEFAULT_GRPC_MAX_MESSAGE_MB,
+    timeout: float = DEFAULT_WORKER_TIMEOUT_S,
+) -> None:
+    """Waits for the workers, then installs `create_remote_context(addresses)`."""
+    addresses = parse_worker_addresses(addresses)
+    wait_for_workers(addresses, timeout=timeout)
+    tff.framework.set_default_context(
+        create_remote_context(addresses, max_message_mb=max_message_mb)
+    )
+
+
+@contextlib.contextmanager
+def remote_context(
+    addresses: Sequence[str],
+    *,
+    max_message_mb: int = DEFAULT_GRPC_MAX_MESSAGE_MB,
+    timeout: float = DEFAULT_WORKER_TIMEOUT_S,
+) -> Iterator[None]:
+    """Context manager form of `set_remote_context`; the workers keep running."""
+    set_remote_context(addresses, max_message_mb=max_message_mb, timeout=timeout)
+    try:
+        yield
+    finally:
+        _drop_context()
+
+
+class WorkerProcess(NamedTuple):
+    """A `worker_binary` this process started on 127.0.0.1."""
+
+    address: str
+    process: subprocess.Popen
+    log_path: str
+
+
+def _log_tail(path: str, lines: int = 5) -> str:
+    with contextlib.suppress(OSError):
+        with open(path, errors="replace") as f:
+            tail = [line.strip() for line in f.readlines()[-lines:] if line.strip()]
+        return " | ".join(tail)
+    return ""
+
+
+def start_local_workers(
+    num_workers: int,
+    *,
+    max_concurrent_computation_calls: int = -1,
+    max_message_mb: int = DEFAULT_GRPC_MAX_MESSAGE_MB,
+    timeout: float = DEFAULT_WORKER_TIMEOUT_S,
+    log_dir: Optional[str] = None,
+) -> list[WorkerProcess]:
+    """Starts `num_workers` worker_binary processes on free ports; waits until they answer.
+
+    They stay in this process's process group (a group kill takes them along) and
+    are stopped by `stop_local_workers`, `reset_context` or exit. Raises
+    `WorkerError` (after stopping every one it started) if one exits or does not
+    answer within `timeout` seconds.
+    """
+    import portpicker
+
+    if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 1:
+        raise ValueError(f"`num_workers` must be an integer >= 1, got {num_workers!r}.")
+    log_dir = log_dir or tempfile.mkdtemp(prefix="fedprompt-workers-")
+    workers: list[WorkerProcess] = []
+    try:
+        for _ in range(num_workers):
+            port = portpicker.pick_unused_port()
+            log_path = os.path.join(log_dir, f"worker-{port}.log")
+            with open(log_path, "wb") as log:
+                # stdout to a file, never ours: a worker holding the driver's
+                # stdout open makes `python x.py | tail` hang (trap 1).
+                process = subprocess.Popen(
+                    [
+                        worker_binary_path(),
+                        f"--port={port}",
+                        f"--max_concurrent_computation_calls={max_concurrent_computation_calls}",
+                        f"--grpc_max_message_length_megabytes={max_message_mb}",
+                    ],
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                )
+            workers.append(WorkerProcess(f"127.0.0.1:{port}", process, log_path))
+        deadline = time.monotonic() + timeout
+        for worker in workers:
+            while True:
+                if worker.process.poll() is not None:
+                    raise WorkerError(
+                        f"local TFF worker {worker.address} exited with code "
+                        f"{worker.process.returncode} while starting ({_log_tail(worker.log_path)}; "
+                        f"log: {worker.log_path}).",
+                        [worker.address],
+                    )
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise WorkerError(
+                        f"local TFF worker {worker.address} did not answer within {timeout:g} s "
+                        f"(log: {worker.log_path}); the machine may be overloaded.",
+                        [worker.address],
+                    )
+                if not unreachable_workers([worker.address], timeout=min(1.0, left)):
+                    break
+    except BaseException:
+        stop_local_workers(workers)
+        raise
+    logger.info("local TFF workers: %s", ", ".join(w.address for w in workers))
+    return workers
+
+
+def stop_local_workers(workers: Sequence[WorkerProcess], *, timeout: float = 5.0) -> None:
+    """SIGTERMs (then SIGKILLs) the given workers by pid and reaps them."""
+    for worker in workers:
+        if worker.process.poll() is None:
+            with contextlib.suppress(OSError):
+                worker.process.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    for worker in workers:
+        try:
+            worker.process.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(OSError):
+                worker.process.kill()
+            worker.process.wait()
+
+
+@contextlib.contextmanager
+def local_workers(num_workers: int, **kwargs) -> Iterator[tuple[str, ...]]:
+    """`start_local_workers` as a context manager yielding the addresses."""
+    workers = start_local_workers(num_workers, **kwargs)
+    try:
+        yield tuple(w.address for w in workers)
+    finally:
+        stop_local_workers(workers)
+
+
+def install_sigterm_handler() -> None:
+    """Makes SIGTERM stop this process's workers, then exit through `finally` blocks.
+
+    atexit does not run when SIGTERM's default action kills a process, so a
+    terminated driver would leave its worker_binary children running (trap 1).
+    Call it from a program's entry point in the main thread, not at import.
+    """
+
+    def handle(signum, frame):
+        del frame
+        stop_worker_processes(timeout=2.0)
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, handle)
 
 
 # Safety net for programs that exit without leaving the context manager. Resetting
