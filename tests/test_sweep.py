@@ -1,0 +1,294 @@
+"""fedprompt.sweep: grid parsing, resume (complete cells are not rerun), the report.
+
+Runs are faked (a runner that writes a results directory of hand-written scores,
+tests/sweep_fixtures.py), so these tests need no TFF; the driver's flag errors
+run `run_sweep.py` as a subprocess (its flags would clash with run_experiment's
+in one process).
+"""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from fedprompt import claims, report, sweep
+from tests.sweep_fixtures import (
+    GOOD_FINETUNE,
+    WEAK_FINETUNE,
+    norm_rounds,
+    personalization_rows,
+    write_run_dir,
+)
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+
+# --------------------------------------------------------------------------- parsing
+
+
+def test_parse_partitions():
+    levels = sweep.parse_partitions("natural, dirichlet:0.1,home_fraction:0.9,dirichlet:inf")
+    assert [level.label for level in levels] == [
+        "natural",
+        "dirichlet:0.1",
+        "home_fraction:0.9",
+        "dirichlet:inf",
+    ]
+    assert levels[1].flags == ("--partition=dirichlet", "--alpha=0.1")
+    assert levels[2].flags == ("--partition=home_fraction", "--home_fraction=0.9")
+    assert levels[1].file_name == "dirichlet_0.1"
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("iid", "'iid' is not natural, dirichlet:<alpha> or home_fraction:<fraction>"),
+        ("dirichlet", "the value must be a number"),
+        ("dirichlet:x", "the value must be a number"),
+        ("dirichlet:0", "needs alpha > 0"),
+        ("home_fraction:1.5", "needs a fraction in [0, 1]"),
+        ("natural:1", "natural takes no value"),
+        ("natural,natural", "lists an entry twice"),
+        ("dirichlet:1,dirichlet:1.0", "lists a level twice"),
+        ("", "must name at least one entry"),
+    ],
+)
+def test_bad_partitions(text, message):
+    with pytest.raises(sweep.SweepError, match="--partitions") as error:
+        sweep.parse_partitions(text)
+    assert message in str(error.value)
+
+
+def test_parse_algorithms_and_errors():
+    assert sweep.parse_algorithms("fedavg_sgd,fedavg_adam") == ["fedavg_sgd", "fedavg_adam"]
+    with pytest.raises(sweep.SweepError, match="unknown algorithm 'fedprox'; choose from"):
+        sweep.parse_algorithms("fedavg_sgd,fedprox")
+
+
+def test_parse_sets_and_base_flags():
+    common, scoped = sweep.parse_sets(
+        ["rounds=3", "fedavg_adam:client_learning_rate=0.01", "personalization_epochs=0,1"],
+        ["fedavg_sgd", "fedavg_adam"],
+    )
+    assert common == ["--rounds=3", "--personalization_epochs=0,1"]
+    assert scoped == {"fedavg_adam": ["--client_learning_rate=0.01"]}
+    assert sweep.parse_base_flags("--rounds=2 --personalization_epochs='0,1'") == [
+        "--rounds=2",
+        "--personalization_epochs=0,1",
+    ]
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda: sweep.parse_sets(["rounds"], ["fedsgd"]), "is not [algorithm:]key=value"),
+        (lambda: sweep.parse_sets(["fedprox:rounds=1"], ["fedsgd"]), "not in --algorithms"),
+        (lambda: sweep.parse_sets(["alpha=0.1"], ["fedsgd"]), "--alpha is set by the sweep grid"),
+        (lambda: sweep.parse_base_flags("rounds=3"), "is not a --flag=value argument"),
+        (lambda: sweep.parse_base_flags("--output_dir=x"), "--output_dir is set by the sweep"),
+        (lambda: sweep.parse_base_flags("--nooverwrite"), "--nooverwrite is set by the sweep"),
+        (lambda: sweep.parse_base_flags("--rounds='3"), "cannot be split like a shell line"),
+    ],
+)
+def test_bad_pass_through_flags(call, message):
+    with pytest.raises(sweep.SweepError) as error:
+        call()
+    assert message in str(error.value)
+
+
+def test_build_grid_names_and_flag_order():
+    cells = sweep.build_grid(
+        algorithms=["fedavg_adam", "fedsgd"],
+        levels=sweep.parse_partitions("natural,dirichlet:0.5"),
+        base_flags=["--rounds=2"],
+        algorithm_flags={"fedavg_adam": ["--client_learning_rate=0.01"]},
+    )
+    assert [c.name for c in cells] == [
+        "fedavg_adam__natural",
+        "fedsgd__natural",
+        "fedavg_adam__dirichlet_0.5",
+        "fedsgd__dirichlet_0.5",
+    ]
+    # Presets first, then the level, the common flags and the scoped ones (last wins).
+    assert cells[2].argv == (
+        "--algorithm=fedavg",
+        "--client_optimizer=adam",
+        "--client_learning_rate=0.03",
+        "--partition=dirichlet",
+        "--alpha=0.5",
+        "--rounds=2",
+        "--client_learning_rate=0.01",
+    )
+    assert cells[1].argv[-1] == "--rounds=2" and cells[1].algorithm == "fedsgd"
+
+
+# --------------------------------------------------------------------------- running
+
+
+def _config(algorithm, level):
+    name, _, value = level.label.partition(":")
+    config = {"algorithm": algorithm.split("_")[0], "partition": name, "rounds": 2}
+    if algorithm.startswith("fedavg"):
+        config["client_optimizer"] = algorithm.split("_")[1]
+    if name == "dirichlet":
+        config["alpha"] = float(value)
+    return config
+
+
+# Per algorithm: (fine-tuning scores, client update norms) of the fake runs.
+FAKE_SCORES = {
+    "fedavg_adam": (GOOD_FINETUNE, (1.0, 3.0)),
+    "fedavg_sgd": (WEAK_FINETUNE, (0.001, 0.003)),
+}
+
+
+class FakeRunner:
+    """Writes a complete results directory instead of running run_experiment."""
+
+    def __init__(self, fail=()):
+        self.calls = []
+        self.fail = set(fail)
+
+    def __call__(self, cell, *, cell_dir, log_path, progress):
+        self.calls.append(cell.name)
+        progress(f"[{cell.name}] fake run")
+        if cell.name in self.fail:
+            return 3
+        finetune, norms = FAKE_SCORES[cell.algorithm]
+        heterogeneity = 0.8 if cell.level.label == "natural" else 0.3
+        write_run_dir(
+            cell_dir,
+            config=_config(cell.algorithm, cell.level),
+            rows=personalization_rows(finetune),
+            rounds=norm_rounds(norms, (1.0, 1.0)),
+            heterogeneity=heterogeneity,
+            flags=sweep._given_flags(cell.argv),
+        )
+        return 0
+
+
+def _cells(partitions="natural"):
+    return sweep.build_grid(
+        algorithms=["fedavg_sgd", "fedavg_adam"],
+        levels=sweep.parse_partitions(partitions),
+        base_flags=["--rounds=2", "--personalization_epochs=0,1,4"],
+    )
+
+
+def test_complete_cells_are_not_rerun(tmp_path):
+    cells = _cells()
+    runner = FakeRunner()
+    lines = []
+    first = sweep.run_sweep(output_dir=tmp_path, cells=cells, runner=runner, progress=lines.append)
+    assert first.completed == [c.name for c in cells] and runner.calls == first.completed
+    marker = json.loads((tmp_path / cells[0].name / sweep.CELL_MARKER).read_text())
+    assert marker["argv"] == list(cells[0].argv)
+
+    # Rerun: nothing runs again. An interrupted cell (no report.md) runs again.
+    (tmp_path / cells[1].name / report.REPORT_MD).unlink()
+    runner.calls.clear()
+    second = sweep.run_sweep(output_dir=tmp_path, cells=cells, runner=runner, progress=lines.append)
+    assert second.skipped == [cells[0].name] and runner.calls == [cells[1].name]
+    assert f"[{cells[0].name}] cell 1/2: complete, skipped" in lines
+
+    # Changed flags: the marker no longer matches, so the cell is not complete.
+    changed = _cells()[0]
+    changed = sweep.dataclasses.replace(changed, argv=changed.argv + ("--seed=1",))
+    assert not sweep.cell_is_complete(changed, tmp_path / changed.name)
+
+
+def test_results_without_marker_complete_when_config_flags_match(tmp_path):
+    cell = _cells()[0]
+    FakeRunner()(cell, cell_dir=tmp_path / cell.name, log_path=None, progress=print)
+    assert sweep.cell_is_complete(cell, tmp_path / cell.name)  # config.json flags match.
+    other = sweep.dataclasses.replace(cell, argv=cell.argv[:-1] + ("--personalization_epochs=0,1",))
+    assert not sweep.cell_is_complete(other, tmp_path / cell.name)
+    runner = FakeRunner()
+    outcome = sweep.run_sweep(output_dir=tmp_path, cells=[cell], runner=runner, progress=print)
+    assert outcome.skipped == [cell.name] and runner.calls == []
+
+
+def test_failed_cell_does_not_stop_the_others(tmp_path):
+    cells = _cells()
+    runner = FakeRunner(fail={cells[0].name})
+    lines = []
+    outcome = sweep.run_sweep(
+        output_dir=tmp_path, cells=cells, runner=runner, progress=lines.append
+    )
+    assert outcome.failed == [cells[0].name] and outcome.completed == [cells[1].name]
+    assert any("FAILED (exit status 3)" in line for line in lines)
+
+
+def test_report_over_two_levels(tmp_path):
+    cells = _cells("natural,dirichlet:1")
+    sweep.run_sweep(output_dir=tmp_path, cells=cells, runner=FakeRunner(), progress=print)
+    written = sweep.write_sweep_report(tmp_path, description="Command: `test`")
+
+    records = json.loads((tmp_path / sweep.CLAIMS_JSON).read_text())
+    verdicts = {r["claim"]: r["verdict"] for r in records}
+    # Identical scores at both levels: C3 holds at each (see test_claims), C4
+    # lacks runs, C6 sees no change in forgetting (0.15 at both levels).
+    assert verdicts["C3"] == claims.PASS and verdicts["C4"] == claims.INCONCLUSIVE
+    assert verdicts["C6"] == claims.FAIL
+    c6 = next(r for r in records if r["claim"] == "C6")
+    assert c6["numbers"]["order"] == ["dirichlet:1", "natural"]  # by heterogeneity 0.3 < 0.8
+    assert written["records"] == records
+
+    text = (tmp_path / sweep.SWEEP_REPORT_MD).read_text()
+    assert "## Claims" in text and "| C3 | **PASS** |" in text and "Command: `test`" in text
+    assert "[fedavg_adam__natural](fedavg_adam__natural/report.md)" in text
+    assert {p.name for p in written["plots"]} == set(sweep.SWEEP_PLOTS)
+    for name in ("tradeoff_by_level.png", "norms_by_level.png", "epochs_by_level.png"):
+        assert (tmp_path / report.PLOTS_DIR / name).stat().st_size > 0
+        assert f"(plots/{name})" in text
+
+    # An incomplete run is listed, not used.
+    (tmp_path / cells[0].name / report.REPORT_MD).unlink()
+    sweep.write_sweep_report(tmp_path)
+    assert (
+        f"Not included (incomplete or failed): {cells[0].name}"
+        in (tmp_path / sweep.SWEEP_REPORT_MD).read_text()
+    )
+
+
+# --------------------------------------------------------------------------- driver
+
+
+def _driver(*args):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=str(REPO))
+    return subprocess.run(
+        [sys.executable, str(REPO / "run_sweep.py"), *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_driver_bad_flags_one_line_before_any_run(tmp_path):
+    out = tmp_path / "sweep"
+    result = _driver(f"--output_dir={out}", "--partitions=natural,iid")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "error: --partitions: 'iid' is not natural, dirichlet:<alpha> or home_fraction:<fraction>."
+    ]
+    assert not out.exists()
+    # A pass-through flag run_experiment rejects, found by its own parser.
+    result = _driver(
+        f"--output_dir={out}", "--algorithms=fedsgd", "--partitions=natural", "--set=rounds=0"
+    )
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "fedsgd__natural" in lines[0] and "--rounds" in lines[0], lines
+    assert not out.exists()
+
+
+def test_driver_report_only(tmp_path):
+    sweep.run_sweep(output_dir=tmp_path, cells=_cells(), runner=FakeRunner(), progress=print)
+    result = _driver(f"--output_dir={tmp_path}", "--report_only")
+    assert result.returncode == 0, result.stderr
+    assert "C3: PASS" in result.stdout and "report:" in result.stdout
+    assert (tmp_path / sweep.SWEEP_REPORT_MD).is_file()
