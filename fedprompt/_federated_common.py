@@ -155,6 +155,29 @@ def masked_min_max(
     return mins, maxs
 
 
+def aggregate_contributions(
+    contributions: Sequence[collections.OrderedDict],
+) -> collections.OrderedDict:
+    """`<sums, mins, maxs>` over clients in pure TF: what federated_sum/min/max give in TFF.
+
+    Used by the XLA runtime, which has no TFF intrinsics; clients are added in
+    the given order.
+    """
+    if not contributions:
+        raise ValueError("A round needs at least one client, got none.")
+    reduce = dict(sums=tf.add_n, mins=tf.reduce_min, maxs=tf.reduce_max)
+    return collections.OrderedDict(
+        (
+            part,
+            tf.nest.map_structure(
+                lambda *xs, fn=fn: fn(list(xs)) if fn is tf.add_n else fn(tf.stack(xs), axis=0),
+                *[c[part] for c in contributions],
+            ),
+        )
+        for part, fn in reduce.items()
+    )
+
+
 def nan_unless(has_value: tf.Tensor, value: tf.Tensor) -> tf.Tensor:
     """`value` if `has_value`, else NaN: statistics over no finite client are undefined."""
     return tf.where(has_value, value, tf.constant(float("nan")))

@@ -148,6 +148,51 @@ def l2_penalty(
     return 0.5 * tf.cast(strength, tf.float32) * tf.reduce_sum(tf.square(diff))
 
 
+def client_gradient(
+    *,
+    loss_fn: PromptLoss,
+    prompt: tf.Tensor,
+    batch: Batch,
+    clip_norm: float | None = None,
+    l2_strength: float | tf.Tensor | None = None,
+    l2_reference: tf.Tensor | None = None,
+) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor]:
+    """The step objective's gradient on one batch; no variables, no optimizer.
+
+    Split from `client_train_step` so that the XLA runtime
+    (`fedprompt.xla_runtime`) can compile exactly this part, which holds every
+    model FLOP: under a multi-replica `tf.distribute` strategy the tf.keras
+    optimizer step synchronises replicas (`merge_call`), which cannot sit inside
+    an XLA function.
+
+    Objective: `loss_sum / num_tokens` (0 without target tokens) plus, when
+    `l2_strength` is not None, `(l2_strength / 2) ||P - l2_reference||^2`.
+
+    Args:
+      prompt: float32 `[P, H]`, a tensor or a `tf.Variable`.
+
+    Returns:
+      `(loss_sum, num_tokens, grad_norm, gradient)`: the batch's data loss
+      (without the L2 term), its target-token count, the objective gradient's L2
+      norm before clipping (float32 scalars) and the gradient `[P, H]`, clipped
+      to `clip_norm` when set.
+    """
+    with tf.GradientTape(watch_accessed_variables=False) as tape:
+        tape.watch(prompt)
+        loss_sum, num_tokens = loss_fn(prompt, batch)
+        loss_sum = tf.cast(loss_sum, tf.float32)
+        num_tokens = tf.cast(num_tokens, tf.float32)
+        objective = tf.math.divide_no_nan(loss_sum, num_tokens)
+        if l2_strength is not None:
+            objective += l2_penalty(prompt, l2_reference, l2_strength)
+    # A loss that ignores the prompt has a zero, not a missing, gradient.
+    gradient = tape.gradient(objective, prompt, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+    norm = tf.norm(gradient)
+    if clip_norm is not None:
+        gradient = tf.clip_by_norm(gradient, clip_norm)
+    return loss_sum, num_tokens, norm, gradient
+
+
 def client_train_step(
     *,
     loss_fn: PromptLoss,
@@ -164,29 +209,21 @@ def client_train_step(
     XLA-compiled (`tf.function(jit_compile=True)`) by a driver that feeds
     batches itself; a `tf.data` loop cannot be.
 
-    Objective: `loss_sum / num_tokens` (0 without target tokens) plus, when
-    `l2_strength` is not None, `(l2_strength / 2) ||P - l2_reference||^2`.
+    The gradient is `client_gradient`'s (see there for the objective).
 
     Returns:
       `(loss_sum, num_tokens, grad_norm)` float32 scalars: the batch's data loss
       (before the update, without the L2 term), its target-token count, and the
       objective gradient's L2 norm before clipping.
     """
-    with tf.GradientTape(watch_accessed_variables=False) as tape:
-        tape.watch(prompt_variable)
-        loss_sum, num_tokens = loss_fn(prompt_variable, batch)
-        loss_sum = tf.cast(loss_sum, tf.float32)
-        num_tokens = tf.cast(num_tokens, tf.float32)
-        objective = tf.math.divide_no_nan(loss_sum, num_tokens)
-        if l2_strength is not None:
-            objective += l2_penalty(prompt_variable, l2_reference, l2_strength)
-    # A loss that ignores the prompt has a zero, not a missing, gradient.
-    gradient = tape.gradient(
-        objective, prompt_variable, unconnected_gradients=tf.UnconnectedGradients.ZERO
+    loss_sum, num_tokens, norm, gradient = client_gradient(
+        loss_fn=loss_fn,
+        prompt=prompt_variable,
+        batch=batch,
+        clip_norm=clip_norm,
+        l2_strength=l2_strength,
+        l2_reference=l2_reference,
     )
-    norm = tf.norm(gradient)
-    if clip_norm is not None:
-        gradient = tf.clip_by_norm(gradient, clip_norm)
     optimizer.apply_gradients([(gradient, prompt_variable)])
     return loss_sum, num_tokens, norm
 
@@ -274,7 +311,34 @@ def client_update(
         loss_total += batch_loss_sum
         grad_norm_total += norm
 
-    delta = tf.convert_to_tensor(prompt_variable) - initial
+    return client_output_from_sums(
+        initial_prompt=initial,
+        final_prompt=tf.convert_to_tensor(prompt_variable),
+        num_steps=num_steps,
+        num_examples=num_examples,
+        num_tokens=num_tokens,
+        loss_total=loss_total,
+        grad_norm_total=grad_norm_total,
+    )
+
+
+def client_output_from_sums(
+    *,
+    initial_prompt: tf.Tensor,
+    final_prompt: tf.Tensor,
+    num_steps: tf.Tensor,
+    num_examples: tf.Tensor,
+    num_tokens: tf.Tensor,
+    loss_total: tf.Tensor,
+    grad_norm_total: tf.Tensor,
+) -> ClientOutput:
+    """A `ClientOutput` from the sums a local training loop keeps.
+
+    Shared by `client_update` and the XLA runtime's per-replica loop, so both
+    report the same quantities. `loss_total` sums each step's `loss_sum`,
+    `grad_norm_total` each step's pre-clipping gradient norm.
+    """
+    delta = final_prompt - initial_prompt
     loss_mean = tf.math.divide_no_nan(loss_total, num_tokens)
     grad_norm = tf.math.divide_no_nan(grad_norm_total, tf.cast(num_steps, tf.float32))
     is_finite = tf.logical_and(
@@ -316,16 +380,46 @@ def fedsgd_client_gradient(
     num_tokens = tf.constant(0.0, tf.float32)
     num_examples = tf.constant(0, tf.int64)
     for batch in dataset:
-        with tf.GradientTape(watch_accessed_variables=False) as tape:
-            tape.watch(prompt)
-            batch_loss_sum, batch_tokens = loss_fn(prompt, batch)
-            batch_loss_sum = tf.cast(batch_loss_sum, tf.float32)
-        gradient_sum += tape.gradient(
-            batch_loss_sum, prompt, unconnected_gradients=tf.UnconnectedGradients.ZERO
+        batch_gradient, batch_loss_sum, batch_tokens = fedsgd_batch_gradient(
+            loss_fn=loss_fn, prompt=prompt, batch=batch
         )
+        gradient_sum += batch_gradient
         loss_sum += batch_loss_sum
-        num_tokens += tf.cast(batch_tokens, tf.float32)
+        num_tokens += batch_tokens
         num_examples += _batch_size(batch)
+    return fedsgd_client_output(
+        gradient_sum=gradient_sum,
+        loss_sum=loss_sum,
+        num_tokens=num_tokens,
+        num_examples=num_examples,
+    )
+
+
+def fedsgd_batch_gradient(
+    *, loss_fn: PromptLoss, prompt: tf.Tensor, batch: Batch
+) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+    """`(gradient of loss_sum [P, H], loss_sum, num_tokens)` on one batch at `prompt`.
+
+    The part of `fedsgd_client_gradient` that the XLA runtime compiles.
+    """
+    with tf.GradientTape(watch_accessed_variables=False) as tape:
+        tape.watch(prompt)
+        batch_loss_sum, batch_tokens = loss_fn(prompt, batch)
+        batch_loss_sum = tf.cast(batch_loss_sum, tf.float32)
+    gradient = tape.gradient(
+        batch_loss_sum, prompt, unconnected_gradients=tf.UnconnectedGradients.ZERO
+    )
+    return gradient, batch_loss_sum, tf.cast(batch_tokens, tf.float32)
+
+
+def fedsgd_client_output(
+    *,
+    gradient_sum: tf.Tensor,
+    loss_sum: tf.Tensor,
+    num_tokens: tf.Tensor,
+    num_examples: tf.Tensor,
+) -> FedSGDClientOutput:
+    """A `FedSGDClientOutput` from the per-client sums (shared with the XLA runtime)."""
     is_finite = tf.logical_and(
         tf.reduce_all(tf.math.is_finite(gradient_sum)), tf.math.is_finite(loss_sum)
     )

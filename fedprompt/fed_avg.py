@@ -165,6 +165,39 @@ def build_client_work(
     return client_work
 
 
+def compute_client_contribution(
+    output: client_update_lib.ClientOutput, *, client_weighting: ClientWeighting
+) -> collections.OrderedDict:
+    """Pure TF body of `build_client_contribution` (also used by the XLA runtime)."""
+    finite = output.is_finite
+    finite_f = tf.cast(finite, tf.float32)
+    if client_weighting == ClientWeighting.NUM_EXAMPLES:
+        weight = tf.cast(output.num_examples, tf.float32)
+    elif client_weighting == ClientWeighting.NUM_TOKENS:
+        weight = output.num_tokens
+    else:
+        weight = tf.cast(output.num_examples > 0, tf.float32)
+    weight = weight * finite_f
+    delta = tf.where(finite, output.prompt_delta, tf.zeros_like(output.prompt_delta))
+    zero = tf.constant(0.0)
+    sums = collections.OrderedDict(
+        weighted_delta=weight * delta,
+        weight=weight,
+        loss_sum=tf.where(finite, output.loss_mean * output.num_tokens, zero),
+        num_tokens=tf.where(finite, output.num_tokens, zero),
+        num_examples=tf.where(finite, output.num_examples, tf.constant(0, tf.int64)),
+        grad_norm=tf.where(finite, output.grad_norm, zero),
+        update_norm=tf.where(finite, output.update_norm, zero),
+        num_finite=tf.cast(finite, tf.int64),
+        num_clients=tf.constant(1, tf.int64),
+    )
+    mins, maxs = common.masked_min_max(
+        collections.OrderedDict(grad_norm=output.grad_norm, update_norm=output.update_norm),
+        finite,
+    )
+    return collections.OrderedDict(sums=sums, mins=mins, maxs=maxs)
+
+
 def build_client_contribution(
     *, client_output_type: tff.Type, client_weighting: ClientWeighting
 ) -> tff.Computation:
@@ -180,36 +213,53 @@ def build_client_contribution(
 
     @tff.tensorflow.computation(client_output_type)
     def client_contribution(output):
-        output = client_update_lib.ClientOutput(*output)
-        finite = output.is_finite
-        finite_f = tf.cast(finite, tf.float32)
-        if client_weighting == ClientWeighting.NUM_EXAMPLES:
-            weight = tf.cast(output.num_examples, tf.float32)
-        elif client_weighting == ClientWeighting.NUM_TOKENS:
-            weight = output.num_tokens
-        else:
-            weight = tf.cast(output.num_examples > 0, tf.float32)
-        weight = weight * finite_f
-        delta = tf.where(finite, output.prompt_delta, tf.zeros_like(output.prompt_delta))
-        zero = tf.constant(0.0)
-        sums = collections.OrderedDict(
-            weighted_delta=weight * delta,
-            weight=weight,
-            loss_sum=tf.where(finite, output.loss_mean * output.num_tokens, zero),
-            num_tokens=tf.where(finite, output.num_tokens, zero),
-            num_examples=tf.where(finite, output.num_examples, tf.constant(0, tf.int64)),
-            grad_norm=tf.where(finite, output.grad_norm, zero),
-            update_norm=tf.where(finite, output.update_norm, zero),
-            num_finite=tf.cast(finite, tf.int64),
-            num_clients=tf.constant(1, tf.int64),
+        return compute_client_contribution(
+            client_update_lib.ClientOutput(*output), client_weighting=client_weighting
         )
-        mins, maxs = common.masked_min_max(
-            collections.OrderedDict(grad_norm=output.grad_norm, update_norm=output.update_norm),
-            finite,
-        )
-        return collections.OrderedDict(sums=sums, mins=mins, maxs=maxs)
 
     return client_contribution
+
+
+def compute_server_step(
+    *,
+    server_optimizer: tff.learning.optimizers.Optimizer,
+    state: server_update_lib.ServerState,
+    aggregates: collections.OrderedDict,
+) -> tuple[server_update_lib.ServerState, collections.OrderedDict]:
+    """Pure TF body of `build_server_step` (also used by the XLA runtime)."""
+    sums, mins, maxs = aggregates["sums"], aggregates["mins"], aggregates["maxs"]
+    has_finite = sums["num_finite"] > 0
+    apply_update = tf.logical_and(has_finite, sums["weight"] > 0)
+    mean_delta = tf.math.divide_no_nan(sums["weighted_delta"], sums["weight"])
+    new_state = server_update_lib.server_update(
+        server_optimizer=server_optimizer,
+        state=state,
+        gradient=-mean_delta,
+        apply_update=apply_update,
+    )
+    num_finite = tf.cast(sums["num_finite"], tf.float32)
+    metrics = collections.OrderedDict(
+        train_loss=common.nan_unless(
+            has_finite, tf.math.divide_no_nan(sums["loss_sum"], sums["num_tokens"])
+        ),
+        grad_norm_mean=common.nan_unless(
+            has_finite, tf.math.divide_no_nan(sums["grad_norm"], num_finite)
+        ),
+        grad_norm_min=common.nan_unless(has_finite, mins["grad_norm"]),
+        grad_norm_max=common.nan_unless(has_finite, maxs["grad_norm"]),
+        update_norm_mean=common.nan_unless(
+            has_finite, tf.math.divide_no_nan(sums["update_norm"], num_finite)
+        ),
+        update_norm_min=common.nan_unless(has_finite, mins["update_norm"]),
+        update_norm_max=common.nan_unless(has_finite, maxs["update_norm"]),
+        num_clients=sums["num_clients"],
+        num_nonfinite_clients=sums["num_clients"] - sums["num_finite"],
+        num_examples=sums["num_examples"],
+        num_tokens=sums["num_tokens"],
+        server_update_norm=tf.norm(new_state.prompt - state.prompt),
+        update_applied=apply_update,
+    )
+    return new_state, metrics
 
 
 def build_server_step(
@@ -222,40 +272,11 @@ def build_server_step(
 
     @tff.tensorflow.computation(state_type, aggregates_type)
     def server_step(state, aggregates):
-        state = server_update_lib.ServerState(*state)
-        sums, mins, maxs = aggregates["sums"], aggregates["mins"], aggregates["maxs"]
-        has_finite = sums["num_finite"] > 0
-        apply_update = tf.logical_and(has_finite, sums["weight"] > 0)
-        mean_delta = tf.math.divide_no_nan(sums["weighted_delta"], sums["weight"])
-        new_state = server_update_lib.server_update(
+        return compute_server_step(
             server_optimizer=server_optimizer,
-            state=state,
-            gradient=-mean_delta,
-            apply_update=apply_update,
+            state=server_update_lib.ServerState(*state),
+            aggregates=aggregates,
         )
-        num_finite = tf.cast(sums["num_finite"], tf.float32)
-        metrics = collections.OrderedDict(
-            train_loss=common.nan_unless(
-                has_finite, tf.math.divide_no_nan(sums["loss_sum"], sums["num_tokens"])
-            ),
-            grad_norm_mean=common.nan_unless(
-                has_finite, tf.math.divide_no_nan(sums["grad_norm"], num_finite)
-            ),
-            grad_norm_min=common.nan_unless(has_finite, mins["grad_norm"]),
-            grad_norm_max=common.nan_unless(has_finite, maxs["grad_norm"]),
-            update_norm_mean=common.nan_unless(
-                has_finite, tf.math.divide_no_nan(sums["update_norm"], num_finite)
-            ),
-            update_norm_min=common.nan_unless(has_finite, mins["update_norm"]),
-            update_norm_max=common.nan_unless(has_finite, maxs["update_norm"]),
-            num_clients=sums["num_clients"],
-            num_nonfinite_clients=sums["num_clients"] - sums["num_finite"],
-            num_examples=sums["num_examples"],
-            num_tokens=sums["num_tokens"],
-            server_update_norm=tf.norm(new_state.prompt - state.prompt),
-            update_applied=apply_update,
-        )
-        return new_state, metrics
 
     return server_step
 

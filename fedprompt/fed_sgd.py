@@ -86,29 +86,71 @@ def build_client_work(
     return client_work
 
 
+def compute_client_contribution(
+    output: client_update_lib.FedSGDClientOutput,
+) -> collections.OrderedDict:
+    """Pure TF body of `build_client_contribution` (also used by the XLA runtime)."""
+    finite = output.is_finite
+    zero = tf.constant(0.0)
+    sums = collections.OrderedDict(
+        gradient_sum=tf.where(finite, output.gradient_sum, tf.zeros_like(output.gradient_sum)),
+        loss_sum=tf.where(finite, output.loss_sum, zero),
+        num_tokens=tf.where(finite, output.num_tokens, zero),
+        num_examples=tf.where(finite, output.num_examples, tf.constant(0, tf.int64)),
+        grad_norm=tf.where(finite, output.grad_norm, zero),
+        num_finite=tf.cast(finite, tf.int64),
+        num_clients=tf.constant(1, tf.int64),
+    )
+    mins, maxs = common.masked_min_max(collections.OrderedDict(grad_norm=output.grad_norm), finite)
+    return collections.OrderedDict(sums=sums, mins=mins, maxs=maxs)
+
+
 def build_client_contribution(*, client_output_type: tff.Type) -> tff.Computation:
     """`(FedSGDClientOutput -> <sums, mins, maxs>)`; non-finite clients add zeros."""
 
     @tff.tensorflow.computation(client_output_type)
     def client_contribution(output):
-        output = client_update_lib.FedSGDClientOutput(*output)
-        finite = output.is_finite
-        zero = tf.constant(0.0)
-        sums = collections.OrderedDict(
-            gradient_sum=tf.where(finite, output.gradient_sum, tf.zeros_like(output.gradient_sum)),
-            loss_sum=tf.where(finite, output.loss_sum, zero),
-            num_tokens=tf.where(finite, output.num_tokens, zero),
-            num_examples=tf.where(finite, output.num_examples, tf.constant(0, tf.int64)),
-            grad_norm=tf.where(finite, output.grad_norm, zero),
-            num_finite=tf.cast(finite, tf.int64),
-            num_clients=tf.constant(1, tf.int64),
-        )
-        mins, maxs = common.masked_min_max(
-            collections.OrderedDict(grad_norm=output.grad_norm), finite
-        )
-        return collections.OrderedDict(sums=sums, mins=mins, maxs=maxs)
+        return compute_client_contribution(client_update_lib.FedSGDClientOutput(*output))
 
     return client_contribution
+
+
+def compute_server_step(
+    *,
+    server_optimizer: tff.learning.optimizers.Optimizer,
+    state: server_update_lib.ServerState,
+    aggregates: collections.OrderedDict,
+) -> tuple[server_update_lib.ServerState, collections.OrderedDict]:
+    """Pure TF body of `build_server_step` (also used by the XLA runtime)."""
+    sums, mins, maxs = aggregates["sums"], aggregates["mins"], aggregates["maxs"]
+    has_finite = sums["num_finite"] > 0
+    apply_update = tf.logical_and(has_finite, sums["num_tokens"] > 0)
+    gradient = tf.math.divide_no_nan(sums["gradient_sum"], sums["num_tokens"])
+    new_state = server_update_lib.server_update(
+        server_optimizer=server_optimizer,
+        state=state,
+        gradient=gradient,
+        apply_update=apply_update,
+    )
+    num_finite = tf.cast(sums["num_finite"], tf.float32)
+    metrics = collections.OrderedDict(
+        train_loss=common.nan_unless(
+            has_finite, tf.math.divide_no_nan(sums["loss_sum"], sums["num_tokens"])
+        ),
+        grad_norm_mean=common.nan_unless(
+            has_finite, tf.math.divide_no_nan(sums["grad_norm"], num_finite)
+        ),
+        grad_norm_min=common.nan_unless(has_finite, mins["grad_norm"]),
+        grad_norm_max=common.nan_unless(has_finite, maxs["grad_norm"]),
+        server_grad_norm=common.nan_unless(has_finite, tf.norm(gradient)),
+        num_clients=sums["num_clients"],
+        num_nonfinite_clients=sums["num_clients"] - sums["num_finite"],
+        num_examples=sums["num_examples"],
+        num_tokens=sums["num_tokens"],
+        server_update_norm=tf.norm(new_state.prompt - state.prompt),
+        update_applied=apply_update,
+    )
+    return new_state, metrics
 
 
 def build_server_step(
@@ -121,36 +163,11 @@ def build_server_step(
 
     @tff.tensorflow.computation(state_type, aggregates_type)
     def server_step(state, aggregates):
-        state = server_update_lib.ServerState(*state)
-        sums, mins, maxs = aggregates["sums"], aggregates["mins"], aggregates["maxs"]
-        has_finite = sums["num_finite"] > 0
-        apply_update = tf.logical_and(has_finite, sums["num_tokens"] > 0)
-        gradient = tf.math.divide_no_nan(sums["gradient_sum"], sums["num_tokens"])
-        new_state = server_update_lib.server_update(
+        return compute_server_step(
             server_optimizer=server_optimizer,
-            state=state,
-            gradient=gradient,
-            apply_update=apply_update,
+            state=server_update_lib.ServerState(*state),
+            aggregates=aggregates,
         )
-        num_finite = tf.cast(sums["num_finite"], tf.float32)
-        metrics = collections.OrderedDict(
-            train_loss=common.nan_unless(
-                has_finite, tf.math.divide_no_nan(sums["loss_sum"], sums["num_tokens"])
-            ),
-            grad_norm_mean=common.nan_unless(
-                has_finite, tf.math.divide_no_nan(sums["grad_norm"], num_finite)
-            ),
-            grad_norm_min=common.nan_unless(has_finite, mins["grad_norm"]),
-            grad_norm_max=common.nan_unless(has_finite, maxs["grad_norm"]),
-            server_grad_norm=common.nan_unless(has_finite, tf.norm(gradient)),
-            num_clients=sums["num_clients"],
-            num_nonfinite_clients=sums["num_clients"] - sums["num_finite"],
-            num_examples=sums["num_examples"],
-            num_tokens=sums["num_tokens"],
-            server_update_norm=tf.norm(new_state.prompt - state.prompt),
-            update_applied=apply_update,
-        )
-        return new_state, metrics
 
     return server_step
 

@@ -249,6 +249,32 @@ class PromptTunedLM:
         losses = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=logits)
         return tf.reduce_sum(losses), tf.cast(tf.size(labels), tf.float32)
 
+    def static_shape_loss(self, prompt: tf.Tensor, batch) -> tuple[tf.Tensor, tf.Tensor]:
+        """`loss` with static shapes only, for XLA (`fedprompt.xla_runtime`).
+
+        `tf.boolean_mask` gives a data-dependent shape, which XLA cannot compile
+        ("Fail to proof the equality of two dimensions at compile time"). Here
+        the LM head runs at every position and the per-token losses outside
+        `target_mask` are zeroed with `tf.where` (not multiplied, so a non-finite
+        logit off target cannot leak in). The value equals `loss` up to float
+        summation order (tests/test_xla_runtime.py); the cost is the LM head on
+        all `B * T` positions instead of the targets only, so `loss` stays the
+        default where shapes may be dynamic (TFF, eager).
+
+        Returns:
+          `(loss_sum, num_target_tokens)`, float32 scalars.
+        """
+        token_ids = batch["token_ids"]
+        hidden = self.hidden_states(prompt, token_ids, batch["padding_mask"])
+        prompt_length = prompt.shape[0] if prompt.shape[0] is not None else tf.shape(prompt)[0]
+        seq_len = token_ids.shape[1] if token_ids.shape[1] is not None else tf.shape(token_ids)[1]
+        predicting = hidden[:, prompt_length - 1 : prompt_length - 1 + seq_len]
+        selected = tf.cast(batch["target_mask"], tf.bool)
+        logits = tf.cast(self.logits_from_hidden(predicting), tf.float32)
+        losses = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=token_ids, logits=logits)
+        losses = tf.where(selected, losses, tf.zeros_like(losses))
+        return tf.reduce_sum(losses), tf.reduce_sum(tf.cast(selected, tf.float32))
+
     def mean_loss(self, prompt: tf.Tensor, batch) -> tf.Tensor:
         loss_sum, count = self.loss(prompt, batch)
         return tf.math.divide_no_nan(loss_sum, count)
