@@ -22,8 +22,9 @@ claim pass):
   * C1-C5 are evaluated separately at every level that has the runs they need,
     with the numbers of each level under `numbers["levels"]`. A claim is PASS
     when it holds at every level where it could be evaluated, FAIL when it fails
-    at one, INCONCLUSIVE when no level has the needed runs or grid points (or
-    only non-finite scores). C6 compares levels.
+    at one, INCONCLUSIVE when no level has the needed runs or grid points, or
+    when every score involved is 0 or non-finite (a prompt that decodes nothing
+    matching gives no trade-off to judge). C6 compares levels.
   * C1, C2, C5 and C6 use the personalization of one *reference run* per level:
     the first present of `REFERENCE_ALGORITHMS` (FedAvg(Adam) first, the paper's
     recommended prompt).
@@ -58,6 +59,7 @@ LOCAL = "local"
 REFERENCE_ALGORITHMS = (FEDAVG_ADAM, FEDAVG_SGD, CENTRALIZED, FEDSGD, LOCAL)
 HYPERVOLUME_REFERENCE = (0.0, 0.0)
 _NO_REFERENCE = f"no run of {', '.join(REFERENCE_ALGORITHMS)}"
+_ALL_ZERO = "every score involved is 0 or non-finite: nothing to compare"
 
 STATEMENTS = {
     "C1": "Personalization raises the local score and lowers the global score; a larger "
@@ -333,6 +335,10 @@ def _hypervolume_of(points: Iterable[Point]) -> float:
     return hypervolume((p.local, p.global_) for p in points)
 
 
+def _all_zero(points: Sequence[Point]) -> bool:
+    return not any(p.local > 0 or p.global_ > 0 for p in points)
+
+
 def _mean_column(rows: Sequence[Mapping[str, Any]], name: str) -> float:
     values = [report._to_float(row.get(name)) for row in rows]
     finite = [v for v in values if math.isfinite(v)]
@@ -397,6 +403,9 @@ def claim_c1(runs: Sequence[RunResult]) -> Dict[str, Any]:
         run = _reference(by_algorithm)
         if run is None:
             levels[level] = _level_record(INCONCLUSIVE, _NO_REFERENCE)
+            continue
+        if _all_zero(grid_points(run)):
+            levels[level] = _level_record(INCONCLUSIVE, _ALL_ZERO, run=run.name)
             continue
         curves = finetune_curves(run)
         lrs = sorted(curves)
@@ -474,6 +483,9 @@ def claim_c2(runs: Sequence[RunResult]) -> Dict[str, Any]:
         if run is None:
             levels[level] = _level_record(INCONCLUSIVE, _NO_REFERENCE)
             continue
+        if _all_zero(grid_points(run)):
+            levels[level] = _level_record(INCONCLUSIVE, _ALL_ZERO, run=run.name)
+            continue
         curves = finetune_curves(run)
         lrs = sorted(curves)
         if len(lrs) < 2 or any(_at(curves[lr], 0) is None for lr in (lrs[0], lrs[-1])):
@@ -546,9 +558,12 @@ def claim_c3(runs: Sequence[RunResult]) -> Dict[str, Any]:
             grad_norm_fedavg_adam=adam_norms["grad_norm_mean"],
             grad_norm_ratio_sgd_to_adam=grad_ratio,
         )
-        if not (hv_sgd > 0 and hv_adam > 0) or not math.isfinite(update_ratio):
+        if not (hv_sgd > 0 or hv_adam > 0):
+            levels[level] = _level_record(INCONCLUSIVE, _ALL_ZERO, **numbers)
+            continue
+        if not math.isfinite(update_ratio):
             levels[level] = _level_record(
-                INCONCLUSIVE, "no finite fine-tuning scores or update norms", **numbers
+                INCONCLUSIVE, "no finite client update norms in rounds.csv", **numbers
             )
             continue
         verdict = PASS if hv_adam > hv_sgd and update_ratio < 1 else FAIL
@@ -568,10 +583,8 @@ def claim_c4(runs: Sequence[RunResult]) -> Dict[str, Any]:
             a: _hypervolume_of(grid_points(by_algorithm[a], report.FINETUNE)) for a in needed
         }
         numbers = {f"hypervolume_{a}": v for a, v in volumes.items()}
-        if not all(v > 0 for v in volumes.values()):
-            levels[level] = _level_record(
-                INCONCLUSIVE, "a run has no finite fine-tuning scores", **numbers
-            )
+        if not any(v > 0 for v in volumes.values()):
+            levels[level] = _level_record(INCONCLUSIVE, _ALL_ZERO, **numbers)
             continue
         wins = (
             volumes[FEDAVG_ADAM] > volumes[FEDSGD] and volumes[FEDAVG_ADAM] > volumes[CENTRALIZED]
@@ -586,6 +599,9 @@ def claim_c5(runs: Sequence[RunResult]) -> Dict[str, Any]:
         run = _reference(by_algorithm)
         if run is None:
             levels[level] = _level_record(INCONCLUSIVE, _NO_REFERENCE)
+            continue
+        if _all_zero(grid_points(run)):
+            levels[level] = _level_record(INCONCLUSIVE, _ALL_ZERO, run=run.name)
             continue
         nonzero = sorted(
             {p.epochs for p in grid_points(run, report.FINETUNE) if p.epochs not in (0, None)}
@@ -661,7 +677,8 @@ def claim_c6(runs: Sequence[RunResult]) -> Dict[str, Any]:
         curves = finetune_curves(run)
         lrs = sorted(curves)
         epochs = sorted({p.epochs for c in curves.values() for p in c if p.epochs != 0})
-        tradeoff = _tradeoff_at(curves, lrs[-1], epochs[-1]) if lrs and epochs else None
+        usable = lrs and epochs and not _all_zero(grid_points(run))
+        tradeoff = _tradeoff_at(curves, lrs[-1], epochs[-1]) if usable else None
         levels[level] = {
             "run": run.name,
             "heterogeneity": run.heterogeneity,
@@ -675,7 +692,7 @@ def claim_c6(runs: Sequence[RunResult]) -> Dict[str, Any]:
     if len(usable) < 2:
         return record | {
             "verdict": INCONCLUSIVE,
-            "numbers": numbers | {"reason": "fewer than 2 levels with finite scores"},
+            "numbers": numbers | {"reason": "fewer than 2 levels with finite, nonzero scores"},
         }
     least, most = usable[0], usable[-1]
     forgetting = [levels[level]["forgetting"] for level in usable]

@@ -164,6 +164,25 @@ def test_c3_fail_when_sgd_tradeoff_is_better():
     assert _level(record)["hypervolume_fedavg_sgd"] == pytest.approx(0.41)
 
 
+def test_c3_pass_when_sgd_scores_are_all_zero():
+    zero = {0.3: [(0, 0.0, 0.0), (1, 0.0, 0.0)]}
+    record = claims.claim_c3(_sgd_adam(sgd_finetune=zero))
+    assert record["verdict"] == claims.PASS
+    assert _level(record)["hypervolume_fedavg_sgd"] == 0.0
+
+
+def test_all_zero_scores_are_inconclusive():
+    zero = {lr: [(e, 0.0, 0.0) for e, _, _ in c] for lr, c in GOOD_FINETUNE.items()}
+    runs = [
+        make_run(ADAM, finetune=zero, rounds=norm_rounds((1.0,), (1.0,))),
+        make_run(SGD, finetune=zero, rounds=norm_rounds((0.1,), (1.0,))),
+    ]
+    for claim in (claims.claim_c1, claims.claim_c2, claims.claim_c3, claims.claim_c5):
+        record = claim(runs)
+        assert record["verdict"] == claims.INCONCLUSIVE, record["claim"]
+        assert "every score involved is 0" in _level(record)["reason"]
+
+
 def test_c3_inconclusive_without_sgd_run():
     record = claims.claim_c3([make_run(ADAM)])
     assert record["verdict"] == claims.INCONCLUSIVE
