@@ -48,6 +48,9 @@ _SET = flags.DEFINE_multi_string(
 _REPORT_ONLY = flags.DEFINE_bool(
     "report_only", False, "Only regenerate the report from the runs in --output_dir."
 )
+_CELL_TIMEOUT = flags.DEFINE_float(
+    "cell_timeout_s", None, "Stop a cell after this many seconds (counted failed; rerun resumes)."
+)
 _PREFLIGHT = flags.DEFINE_bool(
     "preflight", True, "Check every cell's flags with run_experiment's parser first."
 )
@@ -70,6 +73,8 @@ def main(argv):
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     output_dir = _OUTPUT_DIR.value
     try:
+        if _CELL_TIMEOUT.value is not None and not _CELL_TIMEOUT.value > 0:
+            raise sweep.SweepError(f"--cell_timeout_s must be > 0, got {_CELL_TIMEOUT.value}.")
         if _REPORT_ONLY.value:
             if not pathlib.Path(output_dir).is_dir():
                 raise sweep.SweepError(f"--output_dir={output_dir} is not a directory.")
@@ -79,7 +84,10 @@ def main(argv):
             if _PREFLIGHT.value:
                 sweep.preflight(cells)
             outcome = sweep.run_sweep(
-                output_dir=output_dir, cells=cells, progress=lambda line: print(line, flush=True)
+                output_dir=output_dir,
+                cells=cells,
+                progress=lambda line: print(line, flush=True),
+                cell_timeout_s=_CELL_TIMEOUT.value,
             )
             failed = outcome.failed
             print(

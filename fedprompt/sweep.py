@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -383,12 +384,14 @@ def run_cell_subprocess(
     log_path: pathlib.Path,
     progress: Callable[[str], None],
     python: str = sys.executable,
+    timeout_s: Optional[float] = None,
 ) -> int:
-    """Runs one cell with run_experiment.py; returns its exit status.
+    """Runs one cell with run_experiment.py; returns its exit status (124: timed out).
 
     Its stdout and stderr go, line by line, to `progress` (prefixed with the
     cell name) and to `log_path`. The run gets its own process group, which is
-    terminated when the run ends or this call is interrupted, so no TFF
+    terminated when the run ends, times out (`timeout_s`; a rerun resumes it
+    from its last checkpoint) or this call is interrupted, so no TFF
     `worker_binary` outlives it (DESIGN.md trap 1).
     """
     log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -418,7 +421,10 @@ def run_cell_subprocess(
         reader = threading.Thread(target=forward, daemon=True)
         reader.start()
         try:
-            status = process.wait()
+            status = process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            progress(f"[{cell.name}] timed out after {timeout_s:g} s; stopping it")
+            status = 124
         finally:
             _stop_group(process)
             process.wait()
@@ -439,6 +445,7 @@ def run_sweep(
     cells: Sequence[Cell],
     progress: Callable[[str], None] = print,
     runner: Optional[Callable[..., int]] = None,
+    cell_timeout_s: Optional[float] = None,
 ) -> SweepOutcome:
     """Runs every incomplete cell (in order), then nothing else; see `write_sweep_report`.
 
@@ -448,12 +455,14 @@ def run_sweep(
       progress: receives one line at a time.
       runner: `runner(cell, cell_dir=, log_path=, progress=) -> exit status`;
         default `run_cell_subprocess`.
+      cell_timeout_s: wall-time limit of one cell for the default runner (a
+        hung run is stopped and counted as failed); None = no limit.
 
     Returns:
       Which cells completed now, were skipped as already complete, or failed
       (a failed cell does not stop the others).
     """
-    runner = runner or run_cell_subprocess
+    runner = runner or functools.partial(run_cell_subprocess, timeout_s=cell_timeout_s)
     output_dir = pathlib.Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     outcome = SweepOutcome()

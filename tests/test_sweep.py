@@ -11,6 +11,7 @@ import os
 import pathlib
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -292,3 +293,55 @@ def test_driver_report_only(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "C3: PASS" in result.stdout and "report:" in result.stdout
     assert (tmp_path / sweep.SWEEP_REPORT_MD).is_file()
+
+
+# --------------------------------------------------------------------------- subprocess
+
+
+def _fake_python(tmp_path, body):
+    """A stand-in for the interpreter: a shell script that ignores its arguments."""
+    script = tmp_path / "fake_python.sh"
+    script.write_text("#!/bin/sh\n" + body)
+    script.chmod(0o755)
+    return str(script)
+
+
+def _gone(pid, wait_s=5.0):
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        try:
+            state = pathlib.Path(f"/proc/{pid}/stat").read_text().split()[2]
+        except FileNotFoundError:
+            return True
+        if state == "Z":
+            return True
+        time.sleep(0.05)
+    return False
+
+
+@pytest.mark.parametrize("hang", [False, True])
+def test_subprocess_runner_stops_leftover_children(tmp_path, hang):
+    # Like TFF's worker_binary, the child keeps the output pipe open after the
+    # run exits; with `hang` the run itself never ends and times out.
+    child_pid = tmp_path / "child.pid"
+    python = _fake_python(
+        tmp_path,
+        f"echo started\nsleep 60 &\necho $! > {child_pid}\n" + ("sleep 60\n" if hang else ""),
+    )
+    cell = _cells()[0]
+    lines = []
+    started = time.monotonic()
+    status = sweep.run_cell_subprocess(
+        cell,
+        cell_dir=tmp_path / cell.name,
+        log_path=tmp_path / "logs" / "cell.log",
+        progress=lines.append,
+        python=python,
+        timeout_s=1.0,
+    )
+    assert time.monotonic() - started < 10
+    assert status == (124 if hang else 0)
+    assert f"[{cell.name}] started" in lines
+    assert _gone(int(child_pid.read_text()))
+    log = (tmp_path / "logs" / "cell.log").read_text()
+    assert "run_experiment.py --algorithm=fedavg" in log and "started" in log
