@@ -87,6 +87,16 @@ _EVAL_EVERY = flags.DEFINE_integer("eval_every", 5, "Evaluate the global prompt 
 _CHECKPOINT_EVERY = flags.DEFINE_integer(
     "checkpoint_every", 5, "Save the program state every k rounds."
 )
+_RUNTIME = flags.DEFINE_enum(
+    "runtime",
+    "tff",
+    list(program.RUNTIMES),
+    "Where training rounds run: tff, or xla (the same client/server functions XLA-compiled "
+    "under tf.distribute, one client per replica; personalization stays on TFF).",
+)
+_TPU = flags.DEFINE_string(
+    "tpu", None, "Cloud TPU name, grpc://host:port or 'local' (TPU VM); needs --runtime=xla."
+)
 _P_OPTIMIZER = flags.DEFINE_string(
     "personalization_optimizer", "sgd", "Optimizer of personalization fine-tuning."
 )
@@ -133,6 +143,7 @@ _USED_BY = {
     "rounds": ("fedavg", "fedsgd", "centralized"),
     "eval_every": ("fedavg", "fedsgd", "centralized"),
     "checkpoint_every": ("fedavg", "fedsgd", "centralized"),
+    "runtime": ("fedavg", "fedsgd", "centralized"),
 }
 
 
@@ -205,6 +216,8 @@ def config_from_flags() -> program.ExperimentConfig:
         prompt_init_text=_PROMPT_INIT_TEXT.value,
         eval_every=_EVAL_EVERY.value,
         checkpoint_every=_CHECKPOINT_EVERY.value,
+        runtime=_RUNTIME.value,
+        tpu=_TPU.value,
         personalization_optimizer=_P_OPTIMIZER.value,
         personalization_learning_rates=_numbers(_P_LRS, float),
         personalization_epochs=_numbers(_P_EPOCHS, int),

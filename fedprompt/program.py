@@ -7,9 +7,12 @@
    TFF tracing (DESIGN.md trap 2);
 2. load the data (the synthetic suite or an SNI directory) and partition it into
    train / validation / test clients and a global test set (`partition.json`);
-3. train the prompt with TFF: `fedavg`, `fedsgd`, `centralized` (FedAvg with one
-   client holding the pooled data of all train clients, so the same optimizer,
-   step budget and evaluation apply; the client optimizer restarts every round),
+3. train the prompt with TFF (or, with `runtime="xla"`, the same client and server
+   functions XLA-compiled under `tf.distribute`, on CPU or a Cloud TPU: see
+   `fedprompt.xla_runtime`; evaluation and personalization stay on TFF):
+   `fedavg`, `fedsgd`, `centralized` (FedAvg with one client holding the pooled
+   data of all train clients, so the same optimizer, step budget and evaluation
+   apply; the client optimizer restarts every round),
    or `local` (no training: personalization starts from the initial prompt).
    Clients per round are sampled with a generator seeded by (seed, round), the
    global prompt is evaluated on the validation clients every `eval_every` rounds,
@@ -52,6 +55,9 @@ from optimizers import ClientOptimizer, ServerOptimizer
 ALGORITHMS = ("fedavg", "fedsgd", "centralized", "local")
 PARTITIONS = ("natural", "dirichlet", "home_fraction")
 SYNTHETIC = "synthetic"
+# Where training rounds run: TFF computations, or the same pure-TF client and server
+# functions XLA-compiled under tf.distribute (fedprompt.xla_runtime; CPU or Cloud TPU).
+RUNTIMES = ("tff", "xla")
 
 ROUND_COLUMNS = (
     "round",
@@ -123,6 +129,8 @@ class ExperimentConfig:
     prompt_init_text: Optional[str] = None
     eval_every: int = 5
     checkpoint_every: int = 5
+    runtime: str = "tff"
+    tpu: Optional[str] = None
     personalization_optimizer: str = "sgd"
     personalization_learning_rates: tuple = (10**-0.5, 10**-1.0)
     personalization_epochs: tuple = (0, 1, 2, 4)
@@ -240,6 +248,20 @@ class ExperimentConfig:
                         name,
                         "is not used by --algorithm=fedsgd (one full-batch gradient); unset it.",
                     )
+        choice("runtime", self.runtime, RUNTIMES)
+        if self.runtime == "xla" and self.algorithm == "local":
+            fail(
+                "runtime", "--algorithm=local trains nothing, so --runtime=xla is unused; unset it."
+            )
+        if self.tpu is not None:
+            if self.runtime != "xla":
+                fail("tpu", "is only used with --runtime=xla; add --runtime=xla or unset it.")
+            if not isinstance(self.tpu, str) or not self.tpu.strip():
+                fail(
+                    "tpu",
+                    "must be a Cloud TPU name, a grpc://host:port address or 'local' (TPU VM), "
+                    f"got {self.tpu!r}.",
+                )
         if self.data != SYNTHETIC and not os.path.isdir(os.path.expanduser(self.data)):
             fail(
                 "data",
@@ -390,13 +412,21 @@ def build_data(config: ExperimentConfig, backbone: backbones.ResolvedBackbone) -
 def build_training_process(
     config: ExperimentConfig, *, model_fn: Callable, prompt_shape, initial_prompt
 ) -> tff.templates.IterativeProcess:
-    """The TFF iterative process of `config.algorithm` (not for `local`)."""
+    """The iterative process of `config.algorithm` (not for `local`).
+
+    A TFF process, or with `runtime="xla"` an `xla_runtime.XlaIterativeProcess`
+    with the same `initialize` / `next` and state (on `config.tpu` if set).
+    """
     spec = data_types.batch_spec(config.sequence_length)
     server = dict(
         server_optimizer=ServerOptimizer(config.server_optimizer),
         server_learning_rate=config.server_learning_rate,
         server_momentum=config.server_momentum,
     )
+    if config.runtime == "xla":
+        return _build_xla_training_process(
+            config, model_fn=model_fn, prompt_shape=prompt_shape, initial_prompt=initial_prompt
+        )
     loss_fn = lambda: model_fn().loss  # noqa: E731
     if config.algorithm == "fedsgd":
         return build_fed_sgd(
@@ -419,6 +449,34 @@ def build_training_process(
         clip_norm=config.clip_norm,
         client_weighting=ClientWeighting(config.client_weighting),
         **server,
+    )
+
+
+def _build_xla_training_process(config, *, model_fn, prompt_shape, initial_prompt):
+    from fedprompt import xla_runtime
+
+    # XLA needs static shapes: the masked-weights loss, not tf.boolean_mask's.
+    loss_fn = lambda: model_fn().static_shape_loss  # noqa: E731
+    common = dict(
+        model_fn=loss_fn,
+        prompt_shape=prompt_shape,
+        initial_prompt=initial_prompt,
+        server_optimizer=ServerOptimizer(config.server_optimizer),
+        server_learning_rate=config.server_learning_rate,
+        server_momentum=config.server_momentum,
+        strategy=xla_runtime.make_strategy(tpu=config.tpu),
+    )
+    if config.algorithm == "fedsgd":
+        return xla_runtime.build_xla_fed_sgd(**common)
+    return xla_runtime.build_xla_fed_avg(
+        client_optimizer=ClientOptimizer(config.client_optimizer),
+        client_learning_rate=config.client_learning_rate,
+        client_momentum=config.client_momentum,
+        local_epochs=config.local_epochs,
+        local_steps=config.local_steps,
+        clip_norm=config.clip_norm,
+        client_weighting=ClientWeighting(config.client_weighting),
+        **common,
     )
 
 
