@@ -9,7 +9,7 @@ STAMP := $(VENV)/.fedprompt-installed
 PIP := $(BIN)/python -m pip --disable-pip-version-check
 export TF_CPP_MIN_LOG_LEVEL ?= 3
 
-.PHONY: install demo test test-all lint format bench bench-peer lock clean
+.PHONY: install demo test test-all lint format bench bench-peer lock clean sweep-default sweep-sni
 
 install: $(STAMP)
 
@@ -39,6 +39,28 @@ lint: install
 format: install
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
+
+# The claims sweep (README "Sweep and claims"): 4 algorithms x 2 heterogeneity
+# levels, one run_experiment.py run per cell, then sweep_report.md + claims.json.
+# Rerun to resume (finished cells are skipped). SWEEP_FLAGS adds run_sweep.py flags.
+SWEEP_ALGORITHMS ?= fedavg_sgd,fedavg_adam,fedsgd,centralized
+SWEEP_FLAGS ?=
+
+# Embedded default (tiny backbone, synthetic suite), 10 rounds per cell: about
+# 25-30 min on 2 cores with the backbone cached.
+sweep-default: install
+	$(BIN)/python run_sweep.py --output_dir=runs/sweep-default \
+	  --algorithms=$(SWEEP_ALGORITHMS) --partitions=dirichlet:1,natural \
+	  --base_flags="--rounds=10" $(SWEEP_FLAGS)
+
+# SmolLM2-135M-Instruct on sni-mini (beside the repository); several hours on 2 cores.
+sweep-sni: install
+	$(BIN)/python run_sweep.py --output_dir=runs/sweep-sni \
+	  --algorithms=$(SWEEP_ALGORITHMS) --partitions=dirichlet:1,natural \
+	  --base_flags="--backbone=smollm2-135m-instruct --data=../shared/data/sni-mini \
+	    --rounds=10 --num_clients=8 --examples_per_client=16 --num_validation_clients=2 \
+	    --num_test_clients=4 --batch_size=4 --sequence_length=256 --max_new_tokens=16 \
+	    --prompt_length=20 --personalization_epochs=0,1,2,4" $(SWEEP_FLAGS)
 
 bench: install
 	$(BIN)/python -m bench.run_all
