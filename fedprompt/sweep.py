@@ -689,10 +689,15 @@ def _plot_epochs(levels, by_level, path):
             label = f"lr {lr:.3g}"
             axes[row, 0].plot(epochs, [p.local for p in curve], marker="o", ms=3, label=label)
             axes[row, 1].plot(epochs, [p.global_ for p in curve], marker="o", ms=3, label=label)
+        all_epochs = sorted(
+            {p.epochs for curve in claims.finetune_curves(run).values() for p in curve}
+        )
         for column, name in enumerate(("local", "global")):
             ax = axes[row, column]
             ax.set_xscale("symlog", linthresh=1.0)
-            ax.set_title(f"{level}: {name} ROUGE-L, fine-tuning {_display(run.algorithm)}")
+            ax.set_xticks([float(e) for e in all_epochs], [str(e) for e in all_epochs])
+            ax.minorticks_off()
+            ax.set_title(f"{level}: {name} ROUGE-L from {_display(run.algorithm)}", fontsize=10)
             ax.set_xlabel("personalization epochs")
             ax.grid(alpha=0.3)
             if ax.get_legend_handles_labels()[0]:
