@@ -11,6 +11,12 @@ Each client holds `local_steps` synthetic batches and trains one epoch with SGD.
 the deltas: the same computation without TFF. `round_s`: `next` of
 `fedprompt.build_fed_avg` (backbone restored from a frozen checkpoint inside the
 client computation). `overhead` = round_s / plain_loop_s - 1.
+`xla_round_s` (with `--xla`, the default): `next` of
+`xla_runtime.build_xla_fed_avg` on the default strategy (one CPU replica, clients
+in turn; XLA-compiled gradient on `static_shape_loss`, which runs the LM head at
+every position), from the same initial prompt; `xla_vs_tff_first_round_max_abs`
+is the largest prompt difference between the two runtimes after their first
+round.
 `share_outside_training_steps` = 1 - clients x steps x (median tf.function step
 time, measured in the same process) / round_s.
 The plain loop runs first: a Keras model built eagerly must not be used after
@@ -40,6 +46,7 @@ from fedprompt import (  # noqa: E402
     fed_avg,
     frozen_backbone,
     prompt_model,
+    xla_runtime,
 )
 
 
@@ -75,7 +82,7 @@ def _timed(fn, repeats):
     return first, times
 
 
-def bench_round(name, *, clients=4, steps=4, batch=4, seq=64, repeats=5, step_repeats=5):
+def bench_round(name, *, clients=4, steps=4, batch=4, seq=64, repeats=5, step_repeats=5, xla=True):
     resolved = backbones.resolve_backbone(name)
     keras_backbone = resolved.load_keras_backbone()
     model = prompt_model.PromptTunedLM(keras_backbone)
@@ -117,6 +124,35 @@ def bench_round(name, *, clients=4, steps=4, batch=4, seq=64, repeats=5, step_re
         def model_fn():
             return prompt_model.PromptTunedLM(frozen_backbone.restore_backbone(frozen)).loss
 
+        xla_result = {}
+        if xla:
+            # Before any TFF tracing (DESIGN.md trap 2): it builds its own backbone.
+            start = time.perf_counter()
+            xla_process = xla_runtime.build_xla_fed_avg(
+                model_fn=lambda: prompt_model.PromptTunedLM(
+                    frozen_backbone.restore_backbone(frozen)
+                ).static_shape_loss,
+                prompt_shape=shape, initial_prompt=initial,
+                client_optimizer=fed_avg.ClientOptimizer.SGD, client_learning_rate=0.01,
+                local_epochs=1,
+            )  # fmt: skip
+            xla_build_s = time.perf_counter() - start
+            xla_holder = {"state": xla_process.initialize()}
+
+            def xla_round():
+                xla_holder["state"], _ = xla_process.next(xla_holder["state"], datasets)
+                xla_holder.setdefault("first", xla_holder["state"].prompt)
+
+            xla_first, xla_times = _timed(xla_round, repeats)
+            xla_result = {
+                "xla_round_s_median": round(statistics.median(xla_times), 4),
+                "xla_round_s_all": [round(t, 4) for t in xla_times],
+                "xla_round_first_call_s": round(xla_first, 3),
+                "build_xla_fed_avg_s": round(xla_build_s, 3),
+                "xla_strategy": type(xla_process.strategy).__name__,
+                "xla_num_replicas": xla_process.strategy.num_replicas_in_sync,
+            }
+
         with execution.local_context():
             start = time.perf_counter()
             process = fed_avg.build_fed_avg(
@@ -130,10 +166,18 @@ def bench_round(name, *, clients=4, steps=4, batch=4, seq=64, repeats=5, step_re
 
             def one_round():
                 holder["state"], _ = process.next(holder["state"], datasets)
+                holder.setdefault("first", holder["state"].prompt)
 
             round_first, round_times = _timed(one_round, repeats)
     round_s = statistics.median(round_times)
     plain_s = statistics.median(plain_times)
+    if xla_result:
+        xla_result["xla_speedup_vs_tff_round"] = round(
+            round_s / xla_result["xla_round_s_median"], 3
+        )
+        xla_result["xla_vs_tff_first_round_max_abs"] = float(
+            np.max(np.abs(np.asarray(xla_holder["first"]) - np.asarray(holder["first"])))
+        )
     return {
         "benchmark": "fed_avg_round",
         "backbone": name,
@@ -152,6 +196,7 @@ def bench_round(name, *, clients=4, steps=4, batch=4, seq=64, repeats=5, step_re
         "overhead": round(round_s / plain_s - 1.0, 4),
         "train_step_s_median": step_s,
         "share_outside_training_steps": round(1.0 - clients * steps * step_s / round_s, 4),
+        **xla_result,
         "peak_rss_mib": common.peak_rss_mib(),
         "peak_rss_note": "this process only; TFF's worker_binary children not included",
         "repeats": repeats,
@@ -165,6 +210,7 @@ _STEPS = flags.DEFINE_integer("local_steps", 4, "Batches (= local steps) per cli
 _BATCH = flags.DEFINE_integer("batch_size", 4, "Batch size.")
 _SEQ = flags.DEFINE_integer("sequence_length", 64, "Sequence length.")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed rounds after the first.")
+_XLA = flags.DEFINE_bool("xla", True, "Also time the XLA runtime's round (fedprompt.xla_runtime).")
 
 
 def main(argv):
@@ -172,7 +218,7 @@ def main(argv):
     for name in _BACKBONES.value:
         result = bench_round(
             name, clients=_CLIENTS.value, steps=_STEPS.value, batch=_BATCH.value,
-            seq=_SEQ.value, repeats=_REPEATS.value,
+            seq=_SEQ.value, repeats=_REPEATS.value, xla=_XLA.value,
         )  # fmt: skip
         print(json.dumps(result), flush=True)
 

@@ -131,23 +131,13 @@ def synthetic_batch(vocab: int, batch: int, seq: int, seed: int = 0) -> dict:
 
 
 def static_shape_loss(model):
-    """`PromptTunedLM.loss` without `tf.boolean_mask`, for XLA (static shapes only).
+    """`PromptTunedLM.static_shape_loss`: the loss without `tf.boolean_mask`, for XLA.
 
     XLA rejects the dynamic-shape boolean mask ("Fail to proof the equality of two
-    dimensions at compile time"), so this applies the LM head at every token
+    dimensions at compile time"), so it applies the LM head at every token
     position and masks the per-token losses: more FLOPs (counted as such).
     """
-
-    def loss(prompt, batch):
-        token_ids = batch["token_ids"]
-        hidden = model.hidden_states(prompt, token_ids, batch["padding_mask"])
-        p, t = PROMPT_LENGTH, token_ids.shape[1]
-        logits = tf.cast(model.logits_from_hidden(hidden[:, p - 1 : p - 1 + t]), tf.float32)
-        losses = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=token_ids, logits=logits)
-        weights = tf.cast(batch["target_mask"], tf.float32)
-        return tf.reduce_sum(losses * weights), tf.reduce_sum(weights)
-
-    return loss
+    return model.static_shape_loss
 
 
 def make_step(model, prompt_var, optimizer, mode: str):
