@@ -82,6 +82,62 @@ def _timed(fn, repeats):
     return first, times
 
 
+def _xla_round(frozen, shape, initial, datasets, repeats):
+    """Times `xla_runtime.build_xla_fed_avg`'s `next`; returns (fields, first-round prompt)."""
+    start = time.perf_counter()
+    process = xla_runtime.build_xla_fed_avg(
+        model_fn=lambda: prompt_model.PromptTunedLM(
+            frozen_backbone.restore_backbone(frozen)
+        ).static_shape_loss,
+        prompt_shape=shape, initial_prompt=initial,
+        client_optimizer=fed_avg.ClientOptimizer.SGD, client_learning_rate=0.01,
+        local_epochs=1,
+    )  # fmt: skip
+    build_s = time.perf_counter() - start
+    holder = {"state": process.initialize()}
+
+    def one_round():
+        holder["state"], _ = process.next(holder["state"], datasets)
+        holder.setdefault("first", holder["state"].prompt)
+
+    first, times = _timed(one_round, repeats)
+    return {
+        "xla_round_s_median": round(statistics.median(times), 4),
+        "xla_round_s_all": [round(t, 4) for t in times],
+        "xla_round_first_call_s": round(first, 3),
+        "build_xla_fed_avg_s": round(build_s, 3),
+        "xla_strategy": type(process.strategy).__name__,
+        "xla_num_replicas": process.strategy.num_replicas_in_sync,
+    }, holder["first"]
+
+
+def bench_xla_round_only(name, *, clients=4, steps=4, batch=4, seq=64, repeats=5):
+    """The XLA round alone (`--xla_only`): for backbones whose TFF round is too slow here."""
+    resolved = backbones.resolve_backbone(name)
+    keras_backbone = resolved.load_keras_backbone()
+    hidden, vocab = int(keras_backbone.hidden_dim), int(keras_backbone.vocabulary_size)
+    shape = (common.PROMPT_LENGTH, hidden)
+    initial = np.asarray(tf.random.stateless_uniform(shape, [0, 1], -0.5, 0.5))
+    datasets = client_datasets(vocab, clients=clients, steps=steps, batch=batch, seq=seq)
+    with tempfile.TemporaryDirectory() as tmp:
+        frozen = frozen_backbone.save_frozen_backbone(keras_backbone, os.path.join(tmp, "frozen"))
+        del keras_backbone
+        fields, _ = _xla_round(frozen, shape, initial, datasets, repeats)
+    return {
+        "benchmark": "xla_round",
+        "backbone": name,
+        "clients": clients,
+        "local_steps": steps,
+        "batch_size": batch,
+        "sequence_length": seq,
+        "prompt_length": common.PROMPT_LENGTH,
+        **fields,
+        "peak_rss_mib": common.peak_rss_mib(),
+        "repeats": repeats,
+        "machine": common.machine_info(),
+    }
+
+
 def bench_round(name, *, clients=4, steps=4, batch=4, seq=64, repeats=5, step_repeats=5, xla=True):
     resolved = backbones.resolve_backbone(name)
     keras_backbone = resolved.load_keras_backbone()
@@ -124,34 +180,10 @@ def bench_round(name, *, clients=4, steps=4, batch=4, seq=64, repeats=5, step_re
         def model_fn():
             return prompt_model.PromptTunedLM(frozen_backbone.restore_backbone(frozen)).loss
 
-        xla_result = {}
+        xla_result, xla_first_prompt = {}, None
         if xla:
             # Before any TFF tracing (DESIGN.md trap 2): it builds its own backbone.
-            start = time.perf_counter()
-            xla_process = xla_runtime.build_xla_fed_avg(
-                model_fn=lambda: prompt_model.PromptTunedLM(
-                    frozen_backbone.restore_backbone(frozen)
-                ).static_shape_loss,
-                prompt_shape=shape, initial_prompt=initial,
-                client_optimizer=fed_avg.ClientOptimizer.SGD, client_learning_rate=0.01,
-                local_epochs=1,
-            )  # fmt: skip
-            xla_build_s = time.perf_counter() - start
-            xla_holder = {"state": xla_process.initialize()}
-
-            def xla_round():
-                xla_holder["state"], _ = xla_process.next(xla_holder["state"], datasets)
-                xla_holder.setdefault("first", xla_holder["state"].prompt)
-
-            xla_first, xla_times = _timed(xla_round, repeats)
-            xla_result = {
-                "xla_round_s_median": round(statistics.median(xla_times), 4),
-                "xla_round_s_all": [round(t, 4) for t in xla_times],
-                "xla_round_first_call_s": round(xla_first, 3),
-                "build_xla_fed_avg_s": round(xla_build_s, 3),
-                "xla_strategy": type(xla_process.strategy).__name__,
-                "xla_num_replicas": xla_process.strategy.num_replicas_in_sync,
-            }
+            xla_result, xla_first_prompt = _xla_round(frozen, shape, initial, datasets, repeats)
 
         with execution.local_context():
             start = time.perf_counter()
@@ -176,7 +208,7 @@ def bench_round(name, *, clients=4, steps=4, batch=4, seq=64, repeats=5, step_re
             round_s / xla_result["xla_round_s_median"], 3
         )
         xla_result["xla_vs_tff_first_round_max_abs"] = float(
-            np.max(np.abs(np.asarray(xla_holder["first"]) - np.asarray(holder["first"])))
+            np.max(np.abs(np.asarray(xla_first_prompt) - np.asarray(holder["first"])))
         )
     return {
         "benchmark": "fed_avg_round",
@@ -211,11 +243,19 @@ _BATCH = flags.DEFINE_integer("batch_size", 4, "Batch size.")
 _SEQ = flags.DEFINE_integer("sequence_length", 64, "Sequence length.")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed rounds after the first.")
 _XLA = flags.DEFINE_bool("xla", True, "Also time the XLA runtime's round (fedprompt.xla_runtime).")
+_XLA_ONLY = flags.DEFINE_bool("xla_only", False, "Time only the XLA runtime's round.")
 
 
 def main(argv):
     del argv
     for name in _BACKBONES.value:
+        if _XLA_ONLY.value:
+            result = bench_xla_round_only(
+                name, clients=_CLIENTS.value, steps=_STEPS.value, batch=_BATCH.value,
+                seq=_SEQ.value, repeats=_REPEATS.value,
+            )  # fmt: skip
+            print(json.dumps(result), flush=True)
+            continue
         result = bench_round(
             name, clients=_CLIENTS.value, steps=_STEPS.value, batch=_BATCH.value,
             seq=_SEQ.value, repeats=_REPEATS.value, xla=_XLA.value,
