@@ -126,6 +126,28 @@ _OVERWRITE = flags.DEFINE_bool(
 _CACHE_DIR = flags.DEFINE_string(
     "cache_dir", None, "Backbone cache (default $FEDPROMPT_CACHE or ~/.cache/fedprompt)."
 )
+_TFF_WORKERS = flags.DEFINE_list(
+    "tff_workers",
+    [],
+    "host:port,... of TFF workers (python -m fedprompt.worker) that run every round's clients "
+    "and the personalization sweep; the output dir must be readable at the same path on each "
+    "(docs/SCALING.md).",
+)
+_LOCAL_WORKERS = flags.DEFINE_integer(
+    "local_workers",
+    0,
+    "Start N TFF workers on 127.0.0.1 and run over them (not with --tff_workers).",
+)
+_GRPC_MAX_MESSAGE_MB = flags.DEFINE_integer(
+    "grpc_max_message_mb",
+    execution.DEFAULT_GRPC_MAX_MESSAGE_MB,
+    f"Largest gRPC message to and from TFF workers, MB (1-{execution.MAX_GRPC_MESSAGE_MB}).",
+)
+_WORKER_TIMEOUT = flags.DEFINE_float(
+    "worker_timeout",
+    execution.DEFAULT_WORKER_TIMEOUT_S,
+    "Seconds to wait for TFF workers to answer at start.",
+)
 
 # Flags that only some algorithms use: setting them for another is a mistake.
 _USED_BY = {
@@ -227,6 +249,10 @@ def config_from_flags() -> program.ExperimentConfig:
         max_global_test_examples=_MAX_GLOBAL_TEST.value,
         seed=_SEED.value,
         cache_dir=_CACHE_DIR.value,
+        tff_workers=tuple(_TFF_WORKERS.value),
+        local_workers=_LOCAL_WORKERS.value,
+        grpc_max_message_mb=_GRPC_MAX_MESSAGE_MB.value,
+        worker_timeout=_WORKER_TIMEOUT.value,
     )
 
 
@@ -262,6 +288,8 @@ def main(argv):
 
 
 def _main_then_release_tff(argv):
+    # SIGTERM skips atexit; this makes it stop worker processes and unwind instead.
+    execution.install_sigterm_handler()
     try:
         return main(argv)
     finally:

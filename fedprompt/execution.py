@@ -36,6 +36,11 @@ import psutil
 import tensorflow_federated as tff
 from tensorflow_federated.python.core.impl.context_stack import runtime_error_context
 
+# Private TFF helpers used by `_OrderedMergeableContext`; the stack is pinned at 0.87.
+from tensorflow_federated.python.core.impl.execution_contexts import (
+    mergeable_comp_execution_context as mergeable,
+)
+
 WORKER_BINARY_NAME = "worker_binary"
 
 
@@ -270,12 +275,70 @@ class _WorkerContext(tff.framework.AsyncContext):
             self._channel.close()
 
 
+class _OrderedMergeableContext(tff.framework.MergeableCompExecutionContext):
+    """TFF's mergeable context, but with results in client order and a fixed merge order.
+
+    TFF 0.87 concatenates the CLIENTS-placed results of the subrounds in the order
+    the workers *finish*, so a per-client result (the personalization sweep) can
+    come back permuted across clients, and it merges partial aggregates in
+    completion order, so float sums depend on timing. Here every subround runs at
+    once and the results are taken in submission order: the same output as local
+    execution, every run.
+    """
+
+    def invoke(self, comp, arg=None):
+        if not isinstance(comp, mergeable.MergeableCompForm):
+            comp = self._compiler_pipeline.compile(comp)
+        if arg is not None:
+            arg = mergeable.MergeableCompExecutionContextValue(
+                arg, comp.up_to_merge.type_signature.parameter, self._num_subrounds
+            )
+        result = self._async_runner.run_coro_and_return_result(self._invoke(comp, arg))
+        return tff.types.type_to_py_container(result, comp.after_merge.type_signature.result)
+
+    async def _invoke(self, comp, arg):
+        contexts = list(self._async_execution_contexts)
+        args = arg.value() if arg is not None else [None] * len(contexts)
+        # One slice per worker: the value is split into at most num_subrounds ==
+        # len(contexts) slices.
+        pairs = list(zip(args, contexts))
+        partials = await asyncio.gather(
+            *(context.invoke(comp.up_to_merge, a) for a, context in pairs)
+        )
+        merged = partials[0]
+        for partial in partials[1:]:
+            merged = await contexts[0].invoke(
+                comp.merge, tff.structure.Struct.unnamed(merged, partial)
+            )
+
+        def after_merge(a, context):
+            return context.invoke(
+                comp.after_merge,
+                merged if a is None else tff.structure.Struct.unnamed(a, merged),
+            )
+
+        result_type = comp.after_merge.type_signature.result
+        if tff.types.contains_only(
+            result_type,
+            lambda t: not isinstance(t, tff.types.FederatedType) or t.all_equal,
+        ):
+            # Nothing per client in the result: every slice would return the same.
+            return await after_merge(args[0], contexts[0])
+        results = await asyncio.gather(*(after_merge(a, context) for a, context in pairs))
+        return mergeable._repackage_partitioned_values(list(results), result_type_spec=result_type)
+
+
 _remote_contexts: list[_WorkerContext] = []
 
 
 def _close_remote_contexts() -> None:
     while _remote_contexts:
         _remote_contexts.pop().close()
+
+
+def remote_worker_addresses() -> tuple[str, ...]:
+    """The workers of the remote contexts created since the last reset."""
+    return tuple(c.address for c in _remote_contexts)
 
 
 def unreachable_workers(addresses: Sequence[str], *, timeout: float = 5.0) -> list[str]:
@@ -323,7 +386,7 @@ def create_remote_context(
 
     Each call's CLIENTS-placed arguments are split into one contiguous slice per
     worker, every slice runs up to the aggregation on its worker, and the partial
-    aggregates are merged; computations without an aggregation (the
+    aggregates are merged in worker order; computations without an aggregation (the
     personalization sweep) are split the same way. The frozen backbone is restored
     from disk inside the client computation, so its checkpoint path must be
     readable on every worker.
@@ -335,7 +398,9 @@ def create_remote_context(
         )
     contexts = [_WorkerContext(a, max_message_mb=max_message_mb) for a in addresses]
     _remote_contexts.extend(contexts)
-    return tff.backends.native.create_mergeable_comp_execution_context(contexts)
+    return _OrderedMergeableContext(
+        async_contexts=contexts, compiler_fn=tff.backends.native.compile_to_mergeable_comp_form
+    )
 
 
 def set_remote_context(

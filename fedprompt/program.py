@@ -24,12 +24,15 @@
    plots and `report.md`.
 
 TFF runs inside `fedprompt.execution.local_context()`, which owns the execution
-context and stops TFF's worker processes at the end.
+context and stops TFF's worker processes at the end; with `tff_workers` (or
+`local_workers`) every round's clients and the personalization sweep run over
+remote TFF workers instead (`execution.remote_context`, docs/SCALING.md).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import csv
 import dataclasses
 import json
@@ -40,7 +43,7 @@ import pathlib
 import platform
 import shutil
 import time
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import numpy as np
 import tensorflow as tf
@@ -78,6 +81,9 @@ ROUND_COLUMNS = (
     "val_global_loss",
 )
 PERSONALIZATION_COLUMNS = ("start",) + personalization.RECORD_COLUMNS
+# Where the computations run, not what they compute: a run may resume on other
+# workers (e.g. after one died), so these never make a results directory "different".
+EXECUTION_SETTINGS = ("tff_workers", "local_workers", "grpc_max_message_mb", "worker_timeout")
 
 logger = logging.getLogger("fedprompt")
 
@@ -140,6 +146,10 @@ class ExperimentConfig:
     max_global_test_examples: Optional[int] = 16
     seed: int = 0
     cache_dir: Optional[str] = None
+    tff_workers: tuple = ()
+    local_workers: int = 0
+    grpc_max_message_mb: int = execution.DEFAULT_GRPC_MAX_MESSAGE_MB
+    worker_timeout: float = execution.DEFAULT_WORKER_TIMEOUT_S
 
     def validate(self) -> None:
         """Raises `ConfigError` (one line naming the setting and the fix)."""
@@ -281,6 +291,43 @@ class ExperimentConfig:
             self.personalization_grid()
         except ValueError as e:
             raise ConfigError(f"--{str(e).strip('`').split('`')[0]}: {e}") from e
+        self._validate_execution(fail)
+
+    def _validate_execution(self, fail) -> None:
+        if self.tff_workers:
+            try:
+                execution.parse_worker_addresses(self.tff_workers)
+            except ValueError as e:
+                fail("tff_workers", f"{e}; pass --tff_workers=host:port,host:port,...")
+        workers = self.local_workers
+        if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
+            fail("local_workers", f"must be an integer >= 0 (0 = none), got {workers!r}.")
+        if self.tff_workers and workers:
+            fail(
+                "local_workers",
+                "cannot be combined with --tff_workers (workers are either started here or "
+                "elsewhere); drop one of them.",
+            )
+        remote = bool(self.tff_workers or workers)
+        size = self.grpc_max_message_mb
+        if (
+            isinstance(size, bool)
+            or not isinstance(size, int)
+            or not 0 < size <= execution.MAX_GRPC_MESSAGE_MB
+        ):
+            fail(
+                "grpc_max_message_mb",
+                f"must be an integer in 1-{execution.MAX_GRPC_MESSAGE_MB}, got {size!r}.",
+            )
+        timeout = self.worker_timeout
+        if not (isinstance(timeout, (int, float)) and math.isfinite(timeout) and timeout > 0):
+            fail("worker_timeout", f"must be a finite number of seconds > 0, got {timeout!r}.")
+        for name, default in (
+            ("grpc_max_message_mb", execution.DEFAULT_GRPC_MAX_MESSAGE_MB),
+            ("worker_timeout", execution.DEFAULT_WORKER_TIMEOUT_S),
+        ):
+            if not remote and getattr(self, name) != default:
+                fail(name, "is only used with --tff_workers or --local_workers; unset it.")
 
     def personalization_grid(self) -> personalization.PersonalizationGrid:
         return personalization.PersonalizationGrid(
@@ -295,6 +342,80 @@ class ExperimentConfig:
         return {
             k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()
         }
+
+
+# ----------------------------------------------------------------------------- execution
+
+
+class WorkerFailureError(ConfigError):
+    """A TFF computation failed on remote workers; the message names them and the step."""
+
+
+@contextlib.contextmanager
+def execution_context(config: ExperimentConfig) -> Iterator[tuple[str, ...]]:
+    """Local TFF, remote workers or local workers per `config`; yields worker addresses."""
+    options = dict(max_message_mb=config.grpc_max_message_mb, timeout=config.worker_timeout)
+    if config.local_workers:
+        try:
+            workers = execution.start_local_workers(config.local_workers, **options)
+        except execution.WorkerError as e:
+            raise WorkerFailureError(f"--local_workers: {e}") from e
+        try:
+            addresses = tuple(w.address for w in workers)
+            with execution.remote_context(addresses, **options):
+                yield addresses
+        finally:
+            execution.stop_local_workers(workers)
+    elif config.tff_workers:
+        addresses = execution.parse_worker_addresses(config.tff_workers)
+        try:
+            execution.set_remote_context(addresses, **options)
+        except execution.WorkerError as e:
+            raise WorkerFailureError(f"--tff_workers: {e}") from e
+        try:
+            yield addresses
+        finally:
+            execution.reset_context()
+    else:
+        with execution.local_context():
+            yield ()
+
+
+def _one_line(text: str, limit: int = 400) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+@contextlib.contextmanager
+def _worker_failures(step: str, *, output_dir: pathlib.Path, state_manager=None) -> Iterator[None]:
+    """Turns a remote worker's failure during `step` into one `WorkerFailureError` line."""
+    try:
+        yield
+    except execution.WorkerError as e:
+        addresses = execution.remote_worker_addresses()
+        dead = execution.unreachable_workers(addresses, timeout=2.0) if addresses else []
+        if state_manager is not None:
+            versions = asyncio.run(state_manager.get_versions()) or []
+            kept = (
+                f"the program state saved after round {max(versions)} is intact in "
+                f"{output_dir / 'checkpoints'}"
+                if versions
+                else "no program state was saved yet"
+            )
+        else:
+            kept = f"the final prompt is saved in {output_dir / 'final_prompt.npy'}"
+        if dead:
+            raise WorkerFailureError(
+                f"{step}: TFF worker(s) {', '.join(dead)} stopped answering ({_one_line(e, 200)}); "
+                f"{kept}. Restart the worker(s) (python -m fedprompt.worker --port=PORT) and rerun "
+                "the same command to resume (the worker list may change)."
+            ) from e
+        raise WorkerFailureError(
+            f"{step}: a TFF worker call failed: {_one_line(e)}. The frozen backbone checkpoint "
+            f"{output_dir.resolve() / 'frozen_backbone'} is read by every worker at that path, so "
+            f"it must be readable there on each worker host (shared filesystem); {kept}. Fix the "
+            "cause and rerun the same command to resume."
+        ) from e
 
 
 # ----------------------------------------------------------------------------- data
@@ -631,7 +752,10 @@ def train(
             )
             client_data = [data.train_datasets[i] for i in chosen]
         previous_state = state
-        state, metrics = process.next(state, client_data)
+        with _worker_failures(
+            f"round {round_num}", output_dir=output_dir, state_manager=state_manager
+        ):
+            state, metrics = process.next(state, client_data)
         num_clients = int(_scalar(metrics.get("num_clients", 0)))
         if num_clients and int(_scalar(metrics["num_nonfinite_clients"])) == num_clients:
             # Keep the last good state on disk (the bad round changed nothing).
@@ -659,9 +783,14 @@ def train(
             row["grad_norm_mean"] = _scalar(metrics["server_grad_norm"])
         evaluated = round_num % config.eval_every == 0 or round_num == config.rounds
         if evaluated:
-            scores = evaluator.evaluate_prompt(
-                state.prompt, "validation"
-            ) or evaluator.evaluate_prompt(state.prompt, "test")
+            with _worker_failures(
+                f"round {round_num} (evaluation)",
+                output_dir=output_dir,
+                state_manager=state_manager,
+            ):
+                scores = evaluator.evaluate_prompt(
+                    state.prompt, "validation"
+                ) or evaluator.evaluate_prompt(state.prompt, "test")
             row.update({f"val_{k}": v for k, v in scores.items()})
         rows.append(row)
         with writer.as_default(step=round_num):
@@ -764,7 +893,9 @@ def run_experiment(
         changed = [
             f"--{k}: {previous[k]!r} -> {v!r}"
             for k, v in config.to_json().items()
-            if k not in ("rounds", "output_dir") and k in previous and previous[k] != v
+            if k not in ("rounds", "output_dir", *EXECUTION_SETTINGS)
+            and k in previous
+            and previous[k] != v
         ]
         if changed:
             raise ConfigError(
@@ -772,6 +903,14 @@ def run_experiment(
                 f"({'; '.join(changed)}); rerun with the old values to resume, pass --overwrite "
                 "to delete it and start over, or use a new --output_dir."
             )
+    if config.tff_workers:
+        # Before the heavy work: a wrong or down worker should cost seconds, not a build.
+        try:
+            execution.wait_for_workers(
+                execution.parse_worker_addresses(config.tff_workers), timeout=config.worker_timeout
+            )
+        except execution.WorkerError as e:
+            raise WorkerFailureError(f"--tff_workers: {e}") from e
     start = time.perf_counter()
     progress(f"backbone {config.backbone}: resolving (first use builds and caches it)")
     try:
@@ -814,7 +953,9 @@ def run_experiment(
     prompt_shape = tuple(initial_prompt.shape)
     model_fn = lambda: prompt_model_lib.PromptTunedLM(frozen_backbone.restore_backbone(frozen))  # noqa: E731
 
-    with execution.local_context():
+    with execution_context(config) as workers:
+        if workers:
+            progress(f"TFF workers: {', '.join(workers)}")
         evaluation_process = personalization.build_personalization_evaluation(
             model_fn=model_fn,
             prompt_shape=prompt_shape,
@@ -849,7 +990,8 @@ def run_experiment(
             f"personalization: {len(data.evaluation_clients)} clients x "
             f"{len(evaluation_process.grid.evaluated_points())} prompts"
         )
-        records = evaluator.personalize(final_prompt)
+        with _worker_failures("personalization", output_dir=output_dir):
+            records = evaluator.personalize(final_prompt)
     for r in records:
         r["start"] = config.algorithm
     _write_csv(output_dir / "personalization.csv", PERSONALIZATION_COLUMNS, records)
