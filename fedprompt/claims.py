@@ -95,7 +95,10 @@ CRITERIA = {
     "C5": "Reference run, at the fewest nonzero epochs E1: hypervolume of the L2 points (every "
     "lr and lambda) > hypervolume of the fine-tuning points (every lr), and hypervolume of "
     "the interpolation points (every lr and alpha strictly between 0 and 1) > the same "
-    "fine-tuning hypervolume. Epoch-0 points are excluded from all three sets.",
+    "fine-tuning hypervolume. Epoch-0 points are excluded from all three sets. A mitigation "
+    "passes when its family of settings reaches trade-offs that fine-tuning at E1 does "
+    "not (more lambdas or alphas give it more points; alpha = 1 is fine-tuning itself, "
+    "hence excluded).",
     "C6": "The first algorithm of the reference order present at >= 2 levels; forgetting of "
     "fine-tuning at (lr_max, E_max) at the most heterogeneous level > at the least "
     "heterogeneous level. Local gain and forgetting at every level are reported; "

@@ -916,7 +916,10 @@ def write_sweep_report(
         ),
         "",
         f"All numbers: [`{CLAIMS_JSON}`]({CLAIMS_JSON}). PASS = the claim holds at every "
-        "level where its runs exist; INCONCLUSIVE = the runs or grid points it needs are missing.",
+        "level where its runs exist; INCONCLUSIVE = the runs or grid points it needs are missing "
+        "(or every score involved is 0). Verdicts compare means over the test clients "
+        "without a significance test: with few clients and a small global test subsample, "
+        "small differences are within noise, so read the numbers, not only the verdicts.",
         "",
     ]
 
