@@ -64,20 +64,47 @@ def _worker_children() -> list[psutil.Process]:
     return found
 
 
+def _wait_until_exited(procs: Sequence[psutil.Process], timeout: float) -> list[psutil.Process]:
+    """Waits (without reaping) until `procs` have exited; returns the ones still running.
+
+    Not reaping matters: TFF's own `ServiceManager.__del__` later signals and
+    `wait()`s on its worker; a zombie answers both at once, a reaped pid makes
+    `os.kill` fail with ProcessLookupError inside `__del__`.
+    """
+    deadline = time.monotonic() + timeout
+    alive = list(procs)
+    while alive and time.monotonic() < deadline:
+        alive = [p for p in alive if _is_running(p)]
+        if alive:
+            time.sleep(0.05)
+    return alive
+
+
+def _is_running(proc: psutil.Process) -> bool:
+    try:
+        return proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def _stop_without_reaping(procs: Sequence[psutil.Process], timeout: float) -> None:
+    for proc in procs:
+        with contextlib.suppress(psutil.Error):
+            proc.send_signal(signal.SIGTERM)
+    for proc in _wait_until_exited(procs, timeout):
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
+    _wait_until_exited(procs, timeout)
+
+
 def stop_worker_processes(timeout: float = 5.0) -> int:
-    """SIGTERMs (then SIGKILLs) every worker_binary this process started.
+    """SIGTERMs (then SIGKILLs) every worker_binary this process started, and reaps them.
 
     Returns the number of processes that were stopped.
     """
     workers = _worker_children()
-    for proc in workers:
-        with contextlib.suppress(psutil.Error):
-            proc.send_signal(signal.SIGTERM)
-    _, alive = psutil.wait_procs(workers, timeout=timeout)
-    for proc in alive:
-        with contextlib.suppress(psutil.Error):
-            proc.kill()
-    psutil.wait_procs(alive, timeout=timeout)
+    _stop_without_reaping(workers, timeout)
+    psutil.wait_procs(workers, timeout=timeout)
     return len(workers)
 
 
@@ -88,7 +115,16 @@ def _drop_context() -> None:
 
 
 def reset_context() -> None:
-    """Drops the current TFF context (and its executors) and stops workers."""
+    """Stops this process's workers, then drops the TFF context (and its executors).
+
+    Workers are stopped first because dropping TFF's local context runs
+    `ServiceManager.__del__`, which SIGINTs its worker_binary and waits for it
+    with no timeout; a worker that ignores SIGINT while the driver still holds
+    its gRPC channel hung the driver there after personalization (seen twice,
+    with the results not yet written). A stopped (zombie) worker makes that
+    wait return at once.
+    """
+    _stop_without_reaping(_worker_children(), timeout=2.0)
     _drop_context()
     stop_worker_processes()
 

@@ -992,9 +992,11 @@ def run_experiment(
         )
         with _worker_failures("personalization", output_dir=output_dir):
             records = evaluator.personalize(final_prompt)
-    for r in records:
-        r["start"] = config.algorithm
-    _write_csv(output_dir / "personalization.csv", PERSONALIZATION_COLUMNS, records)
+        # Written before the execution context is torn down, so that no teardown
+        # problem can lose the evaluation's results.
+        for r in records:
+            r["start"] = config.algorithm
+        _write_csv(output_dir / "personalization.csv", PERSONALIZATION_COLUMNS, records)
     from fedprompt import report
 
     report_path = report.write_all(output_dir)["report"]
