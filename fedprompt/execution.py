@@ -119,9 +119,10 @@ def reset_context() -> None:
 
     Workers are stopped first because dropping TFF's local context runs
     `ServiceManager.__del__`, which SIGINTs its worker_binary and waits for it
-    with no timeout; a worker that ignores SIGINT while the driver still holds
-    its gRPC channel hung the driver there after personalization (seen twice,
-    with the results not yet written). A stopped (zombie) worker makes that
+    with no timeout. A driver started as a background job (`cmd &` in a script,
+    nohup) inherits SIGINT as ignored and so does its worker, which then never
+    exits: the driver hung there after personalization (seen twice, with the
+    results not yet written). A stopped (zombie) worker makes that
     wait return at once.
     """
     _stop_without_reaping(_worker_children(), timeout=2.0)
