@@ -978,3 +978,14 @@ def write_sweep_report(
     report_path = output_dir / SWEEP_REPORT_MD
     report_path.write_text("\n".join(lines) + "\n")
     return {"report": report_path, "claims": claims_path, "plots": plots, "records": records}
+
+
+if __name__ == "__main__":
+    # `python -m fedprompt.sweep ...` is `python run_sweep.py ...`: the flags live
+    # in the driver (DESIGN.md section 7, rule 1).
+    from absl import app
+
+    sys.path.insert(0, str(REPO_ROOT))  # run_sweep.py sits beside the package.
+    import run_sweep
+
+    app.run(run_sweep.main)
