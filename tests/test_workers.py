@@ -78,6 +78,30 @@ def _run(args, cwd):
     )
 
 
+def _run_all(runs, cwd):
+    procs = [
+        subprocess.Popen(
+            _command(args),
+            cwd=cwd,
+            env=_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for args in runs
+    ]
+    try:
+        outputs = [p.communicate(timeout=300) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    return [
+        subprocess.CompletedProcess(p.args, p.returncode, out, err)
+        for p, (out, err) in zip(procs, outputs)
+    ]
+
+
 def _workers_on(ports):
     """worker_binary processes (anyone's) serving one of `ports`."""
     flags = {f"--port={p}" for p in ports}
@@ -97,9 +121,15 @@ def _worker_ports(stdout):
 
 def test_local_workers_match_single_process_and_leave_nothing(small_preset, tmp_path):
     common = [f"--backbone={small_preset}", *RUN, *SWEEP, "--rounds=2"]
-    local = _run([*common, f"--output_dir={tmp_path / 'local'}"], tmp_path)
+    # Both at once: most of a tiny run is single-threaded start-up and tracing.
+    local, remote = _run_all(
+        [
+            [*common, f"--output_dir={tmp_path / 'local'}"],
+            [*common, "--local_workers=2", f"--output_dir={tmp_path / 'remote'}"],
+        ],
+        tmp_path,
+    )
     assert local.returncode == 0, local.stderr[-3000:]
-    remote = _run([*common, "--local_workers=2", f"--output_dir={tmp_path / 'remote'}"], tmp_path)
     assert remote.returncode == 0, remote.stderr[-3000:]
 
     ports = _worker_ports(remote.stdout)
