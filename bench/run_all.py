@@ -13,6 +13,7 @@ BENCHMARKS = (
     "bench.bench_train_step",
     "bench.bench_generate",
     "bench.bench_round",
+    "bench.bench_workers",
 )
 
 
