@@ -311,3 +311,26 @@ def test_worker_module_rejects_a_taken_port():
     finally:
         execution.stop_local_workers(workers)
     assert workers[0].process.returncode is not None
+
+
+def test_worker_module_serves_until_sigterm():
+    import portpicker
+
+    port = portpicker.pick_unused_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fedprompt.worker", f"--port={port}"],
+        cwd=REPO,
+        env=_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        execution.wait_for_workers([f"127.0.0.1:{port}"], timeout=60)
+        # The module became the worker (execv): same pid, no Python parent left.
+        assert psutil.Process(proc.pid).name() == execution.WORKER_BINARY_NAME
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == -signal.SIGTERM
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
