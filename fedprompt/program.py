@@ -714,6 +714,24 @@ def _format_eta(seconds: float) -> str:
     return f"{seconds // 60}m{seconds % 60:02d}s"
 
 
+def load_program_state(state_manager, initial_state, checkpoints_dir: pathlib.Path):
+    """The latest saved (state, round), or (None, 0); an unreadable save is a `ConfigError`.
+
+    A truncated or corrupted checkpoint (disk full, a copy cut short) would
+    otherwise surface as a TensorFlow traceback from deep inside the reader.
+    """
+    try:
+        return asyncio.run(state_manager.load_latest(initial_state))
+    except Exception as e:  # noqa: BLE001 - any reader failure means an unusable save
+        versions = asyncio.run(state_manager.get_versions()) or []
+        latest = checkpoints_dir / f"program_state_{max(versions)}" if versions else checkpoints_dir
+        raise ConfigError(
+            f"--output_dir: the saved program state {latest} is unreadable "
+            f"({type(e).__name__}: {_one_line(str(e), 160)}); delete that directory to "
+            "resume from the round saved before it, or pass --overwrite to start over."
+        ) from e
+
+
 def train(
     config: ExperimentConfig,
     *,
@@ -728,7 +746,7 @@ def train(
         str(output_dir / "checkpoints"), keep_total=2
     )
     initial_state = process.initialize()
-    state, version = asyncio.run(state_manager.load_latest(initial_state))
+    state, version = load_program_state(state_manager, initial_state, output_dir / "checkpoints")
     if state is None:
         state, start_round = initial_state, 0
     else:

@@ -342,3 +342,31 @@ def test_all_nonfinite_clients_stop_the_run_and_keep_the_last_good_state(trainin
     state, version = asyncio.run(manager.load_latest(process.initialize()))
     assert version == 2
     np.testing.assert_array_equal(np.asarray(state.prompt), good)
+
+
+def test_unreadable_checkpoint_is_one_line_error_naming_it(tmp_path):
+    import asyncio
+
+    import numpy as np
+    import tensorflow_federated as tff
+
+    from fedprompt import program
+
+    checkpoints = tmp_path / "checkpoints"
+    manager = tff.program.FileProgramStateManager(str(checkpoints), keep_total=2)
+    state = [np.arange(4, dtype=np.float32)]
+    asyncio.run(manager.save(state, 3))
+    loaded, version = program.load_program_state(manager, state, checkpoints)
+    assert version == 3
+    np.testing.assert_array_equal(loaded[0], state[0])
+
+    data_file = next((checkpoints / "program_state_3" / "variables").glob("variables.data-*"))
+    data_file.write_bytes(b"garbage")
+    with pytest.raises(program.ConfigError) as raised:
+        program.load_program_state(manager, state, checkpoints)
+    message = str(raised.value)
+    assert len(message.splitlines()) == 1
+    assert message.startswith(
+        f"--output_dir: the saved program state {checkpoints}/program_state_3 "
+    )
+    assert "delete that directory" in message and "--overwrite" in message
