@@ -58,7 +58,11 @@ def test_reset_context_stops_a_worker_that_ignores_sigint(tmp_path):
     tff.framework.set_default_context(_ContextOwningAWorker(process))
 
     started = time.monotonic()
-    execution.reset_context()
+    try:
+        execution.reset_context()
+    finally:
+        # The session's shared local context (conftest) was dropped with ours.
+        execution.set_local_context()
 
     # Without stopping the worker first, reset_context blocks in __del__ for the
     # child's whole 60 s loop.
