@@ -172,6 +172,28 @@ def build_server_step(
     return server_step
 
 
+def resolve_server_optimizer(
+    server_optimizer: Union[ServerOptimizer, tff.learning.optimizers.Optimizer],
+    *,
+    server_learning_rate: float | None,
+    server_momentum: float | None,
+) -> tff.learning.optimizers.Optimizer:
+    """`common.resolve_server_optimizer`, with the learning rate required.
+
+    Unlike FedAvg's pseudo-gradient, a gradient has no natural step size.
+    """
+    if isinstance(server_optimizer, ServerOptimizer) and server_learning_rate is None:
+        raise ValueError(
+            "`server_learning_rate` is required for FedSGD (the step size on the mean "
+            "gradient), got None; pass e.g. 0.1."
+        )
+    return common.resolve_server_optimizer(
+        server_optimizer,
+        server_learning_rate=server_learning_rate,
+        server_momentum=server_momentum,
+    )
+
+
 def build_fed_sgd_components(
     *,
     model_fn: Callable[[], client_update_lib.PromptLoss],
@@ -193,13 +215,7 @@ def build_fed_sgd_components(
         initial_prompt=initial_prompt,
         initial_prompt_fn=initial_prompt_fn,
     )
-    if isinstance(server_optimizer, ServerOptimizer) and server_learning_rate is None:
-        # Unlike FedAvg's pseudo-gradient, a gradient has no natural step size.
-        raise ValueError(
-            "`server_learning_rate` is required for FedSGD (the step size on the mean "
-            "gradient), got None; pass e.g. 0.1."
-        )
-    server_opt = common.resolve_server_optimizer(
+    server_opt = resolve_server_optimizer(
         server_optimizer,
         server_learning_rate=server_learning_rate,
         server_momentum=server_momentum,

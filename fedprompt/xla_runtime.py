@@ -538,12 +538,7 @@ def build_xla_fed_sgd(
         initial_prompt=initial_prompt,
         initial_prompt_fn=initial_prompt_fn,
     )
-    if isinstance(server_optimizer, ServerOptimizer) and server_learning_rate is None:
-        raise ValueError(
-            "`server_learning_rate` is required for FedSGD (the step size on the mean "
-            "gradient), got None; pass e.g. 0.1."
-        )
-    server_opt = common.resolve_server_optimizer(
+    server_opt = fed_sgd.resolve_server_optimizer(
         server_optimizer,
         server_learning_rate=server_learning_rate,
         server_momentum=server_momentum,
