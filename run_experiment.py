@@ -143,6 +143,13 @@ _GRPC_MAX_MESSAGE_MB = flags.DEFINE_integer(
     execution.DEFAULT_GRPC_MAX_MESSAGE_MB,
     f"Largest gRPC message to and from TFF workers, MB (1-{execution.MAX_GRPC_MESSAGE_MB}).",
 )
+_MAX_CONCURRENT_CLIENTS = flags.DEFINE_integer(
+    "max_concurrent_clients",
+    None,
+    "Client computations TFF runs at once (default: all). Each holds a restored backbone and "
+    "its activations (SmolLM2 personalization at --sequence_length=320: about 14 GiB for 4 "
+    "clients at once), so this bounds memory. Results do not depend on it.",
+)
 _WORKER_TIMEOUT = flags.DEFINE_float(
     "worker_timeout",
     execution.DEFAULT_WORKER_TIMEOUT_S,
@@ -253,6 +260,7 @@ def config_from_flags() -> program.ExperimentConfig:
         local_workers=_LOCAL_WORKERS.value,
         grpc_max_message_mb=_GRPC_MAX_MESSAGE_MB.value,
         worker_timeout=_WORKER_TIMEOUT.value,
+        max_concurrent_clients=_MAX_CONCURRENT_CLIENTS.value,
     )
 
 

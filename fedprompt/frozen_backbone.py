@@ -13,6 +13,7 @@ readable by every TFF worker (same path on every host for remote workers).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -23,6 +24,8 @@ from typing import Callable
 
 import keras_nlp
 import tensorflow as tf
+from keras.src.engine import base_layer_utils
+from tensorflow.python.autograph.core import ag_ctx
 
 MANIFEST_NAME = "manifest.json"
 CHECKPOINT_PREFIX = "variables"
@@ -168,6 +171,31 @@ def _is_step_counter(kwargs) -> bool:
     return dtype is not None and tf.as_dtype(dtype) == tf.int64
 
 
+@contextlib.contextmanager
+def _fast_graph_construction():
+    """Builds a Keras functional model in a TF1 graph about 15x faster, same graph values.
+
+    Inside `tff.tensorflow.computation` (a TF1 graph, so Keras' v1 functional
+    path), Keras evaluates every constant input of a raw TF op through a Session
+    that it extends with the whole graph so far and re-initialises variables in
+    (420 session calls, about 55 s of a 66 s SmolLM2 restore on 2 cores). Keras'
+    own switch `_UNSAFE_GRAPH_OP_LAYER_CREATION` (what it does under XLA and
+    tf.distribute) keeps those constants as graph tensors instead; its only
+    downside, a model `get_config` cannot serialize, does not matter for a
+    backbone rebuilt from its manifest. Autograph is off during construction only
+    (as in `preset_io.fast_construction`); calls of the model are converted as
+    usual. Restore then takes about 4 s; outputs are bit-identical (the test
+    compares both ways). Private Keras 2.14 API: fine on the pinned stack.
+    """
+    previous = base_layer_utils._UNSAFE_GRAPH_OP_LAYER_CREATION
+    base_layer_utils._UNSAFE_GRAPH_OP_LAYER_CREATION = True
+    try:
+        with ag_ctx.ControlStatusCtx(status=ag_ctx.Status.DISABLED):
+            yield
+    finally:
+        base_layer_utils._UNSAFE_GRAPH_OP_LAYER_CREATION = previous
+
+
 def restore_backbone(frozen: FrozenBackbone) -> tf.keras.Model:
     """Builds the backbone with every variable initialised from the checkpoint.
 
@@ -202,7 +230,7 @@ def restore_backbone(frozen: FrozenBackbone) -> tf.keras.Model:
         kwargs["trainable"] = False
         return next_creator(**kwargs)
 
-    with tf.variable_creator_scope(creator):
+    with tf.variable_creator_scope(creator), _fast_graph_construction():
         backbone = cls.from_config(frozen.config)
     if index[0] != num_variables:
         raise FrozenCheckpointError(

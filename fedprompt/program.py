@@ -83,7 +83,13 @@ ROUND_COLUMNS = (
 PERSONALIZATION_COLUMNS = ("start",) + personalization.RECORD_COLUMNS
 # Where the computations run, not what they compute: a run may resume on other
 # workers (e.g. after one died), so these never make a results directory "different".
-EXECUTION_SETTINGS = ("tff_workers", "local_workers", "grpc_max_message_mb", "worker_timeout")
+EXECUTION_SETTINGS = (
+    "tff_workers",
+    "local_workers",
+    "grpc_max_message_mb",
+    "worker_timeout",
+    "max_concurrent_clients",
+)
 
 logger = logging.getLogger("fedprompt")
 
@@ -150,6 +156,9 @@ class ExperimentConfig:
     local_workers: int = 0
     grpc_max_message_mb: int = execution.DEFAULT_GRPC_MAX_MESSAGE_MB
     worker_timeout: float = execution.DEFAULT_WORKER_TIMEOUT_S
+    # Client computations a TFF executor runs at once (None = all). Each running
+    # client holds its own restored backbone and activations, so this bounds memory.
+    max_concurrent_clients: Optional[int] = None
 
     def validate(self) -> None:
         """Raises `ConfigError` (one line naming the setting and the fix)."""
@@ -309,6 +318,19 @@ class ExperimentConfig:
                 "elsewhere); drop one of them.",
             )
         remote = bool(self.tff_workers or workers)
+        concurrent = self.max_concurrent_clients
+        if concurrent is not None:
+            if isinstance(concurrent, bool) or not isinstance(concurrent, int) or concurrent < 1:
+                fail(
+                    "max_concurrent_clients",
+                    f"must be an integer >= 1 (unset = all clients at once), got {concurrent!r}.",
+                )
+            if self.tff_workers:
+                fail(
+                    "max_concurrent_clients",
+                    "cannot reach workers started elsewhere; start each with `python -m "
+                    "fedprompt.worker --max_concurrent_computation_calls=N` and unset it.",
+                )
         size = self.grpc_max_message_mb
         if (
             isinstance(size, bool)
@@ -355,9 +377,12 @@ class WorkerFailureError(ConfigError):
 def execution_context(config: ExperimentConfig) -> Iterator[tuple[str, ...]]:
     """Local TFF, remote workers or local workers per `config`; yields worker addresses."""
     options = dict(max_message_mb=config.grpc_max_message_mb, timeout=config.worker_timeout)
+    concurrent = -1 if config.max_concurrent_clients is None else config.max_concurrent_clients
     if config.local_workers:
         try:
-            workers = execution.start_local_workers(config.local_workers, **options)
+            workers = execution.start_local_workers(
+                config.local_workers, max_concurrent_computation_calls=concurrent, **options
+            )
         except execution.WorkerError as e:
             raise WorkerFailureError(f"--local_workers: {e}") from e
         try:
@@ -377,7 +402,7 @@ def execution_context(config: ExperimentConfig) -> Iterator[tuple[str, ...]]:
         finally:
             execution.reset_context()
     else:
-        with execution.local_context():
+        with execution.local_context(max_concurrent_computation_calls=concurrent):
             yield ()
 
 

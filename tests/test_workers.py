@@ -257,6 +257,11 @@ def test_sigterm_stops_the_drivers_local_workers(small_preset, tmp_path):
         (dict(local_workers=1, grpc_max_message_mb=4096), "--grpc_max_message_mb: must be"),
         (dict(grpc_max_message_mb=100), "--grpc_max_message_mb: is only used with"),
         (dict(local_workers=1, worker_timeout=0.0), "--worker_timeout: must be"),
+        (dict(max_concurrent_clients=0), "--max_concurrent_clients: must be an integer >= 1"),
+        (
+            dict(tff_workers=["127.0.0.1:9"], max_concurrent_clients=2),
+            "--max_concurrent_clients: cannot reach workers started elsewhere",
+        ),
     ],
 )
 def test_bad_worker_flags_exit_with_one_line(overrides, message, tmp_path, capsys):
