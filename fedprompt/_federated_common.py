@@ -183,5 +183,45 @@ def nan_unless(has_value: tf.Tensor, value: tf.Tensor) -> tf.Tensor:
     return tf.where(has_value, value, tf.constant(float("nan")))
 
 
+def round_metrics(
+    aggregates: collections.OrderedDict,
+    *,
+    client_norms: Sequence[str],
+    server_metrics: collections.OrderedDict,
+    old_prompt: tf.Tensor,
+    new_prompt: tf.Tensor,
+    update_applied: tf.Tensor,
+) -> collections.OrderedDict:
+    """A round's metrics, in the order the TFF types and CSV columns fix.
+
+    `train_loss`; `{name}_mean/_min/_max` over finite clients for each of
+    `client_norms` (summed, min- and max-aggregated by the clients); then
+    `server_metrics`; then the counts, `server_update_norm` and `update_applied`.
+    Statistics over no finite client are NaN.
+    """
+    sums, mins, maxs = aggregates["sums"], aggregates["mins"], aggregates["maxs"]
+    has_finite = sums["num_finite"] > 0
+    num_finite = tf.cast(sums["num_finite"], tf.float32)
+    metrics = collections.OrderedDict(
+        train_loss=nan_unless(
+            has_finite, tf.math.divide_no_nan(sums["loss_sum"], sums["num_tokens"])
+        )
+    )
+    for name in client_norms:
+        metrics[f"{name}_mean"] = nan_unless(
+            has_finite, tf.math.divide_no_nan(sums[name], num_finite)
+        )
+        metrics[f"{name}_min"] = nan_unless(has_finite, mins[name])
+        metrics[f"{name}_max"] = nan_unless(has_finite, maxs[name])
+    metrics.update(server_metrics)
+    metrics["num_clients"] = sums["num_clients"]
+    metrics["num_nonfinite_clients"] = sums["num_clients"] - sums["num_finite"]
+    metrics["num_examples"] = sums["num_examples"]
+    metrics["num_tokens"] = sums["num_tokens"]
+    metrics["server_update_norm"] = tf.norm(new_prompt - old_prompt)
+    metrics["update_applied"] = update_applied
+    return metrics
+
+
 def tensor_shapes(type_spec: tff.Type) -> Sequence[tuple[str, tuple[int, ...]]]:
     return server_update_lib.tensor_shapes(type_spec)

@@ -43,7 +43,7 @@ import dataclasses
 import json
 import math
 import pathlib
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 from fedprompt import report
 
@@ -400,16 +400,27 @@ def _tradeoff_at(curves: Mapping[float, List[Point]], lr: float, epochs: Any):
     return point.local - start.local, start.global_ - point.global_
 
 
-def claim_c1(runs: Sequence[RunResult]) -> Dict[str, Any]:
-    levels = {}
+def _scored_reference_runs(
+    runs: Sequence[RunResult], levels: Dict[str, Dict[str, Any]]
+) -> Iterator[Tuple[str, RunResult]]:
+    """(level, reference run) for each level whose reference run has nonzero scores.
+
+    Levels without a reference run, or whose scores are all zero, get their
+    INCONCLUSIVE record in `levels` instead (in level order, like the others).
+    """
     for level, by_algorithm in _runs_by_level(runs).items():
         run = _reference(by_algorithm)
         if run is None:
             levels[level] = _level_record(INCONCLUSIVE, _NO_REFERENCE)
-            continue
-        if _all_zero(grid_points(run)):
+        elif _all_zero(grid_points(run)):
             levels[level] = _level_record(INCONCLUSIVE, _ALL_ZERO, run=run.name)
-            continue
+        else:
+            yield level, run
+
+
+def claim_c1(runs: Sequence[RunResult]) -> Dict[str, Any]:
+    levels = {}
+    for level, run in _scored_reference_runs(runs, levels):
         curves = finetune_curves(run)
         lrs = sorted(curves)
         epochs = sorted({p.epochs for c in curves.values() for p in c if p.epochs != 0})
@@ -481,14 +492,7 @@ def first_crossing(curve: Sequence[Point], target: float) -> Optional[Tuple[floa
 
 def claim_c2(runs: Sequence[RunResult]) -> Dict[str, Any]:
     levels = {}
-    for level, by_algorithm in _runs_by_level(runs).items():
-        run = _reference(by_algorithm)
-        if run is None:
-            levels[level] = _level_record(INCONCLUSIVE, _NO_REFERENCE)
-            continue
-        if _all_zero(grid_points(run)):
-            levels[level] = _level_record(INCONCLUSIVE, _ALL_ZERO, run=run.name)
-            continue
+    for level, run in _scored_reference_runs(runs, levels):
         curves = finetune_curves(run)
         lrs = sorted(curves)
         if len(lrs) < 2 or any(_at(curves[lr], 0) is None for lr in (lrs[0], lrs[-1])):
@@ -598,14 +602,7 @@ def claim_c4(runs: Sequence[RunResult]) -> Dict[str, Any]:
 
 def claim_c5(runs: Sequence[RunResult]) -> Dict[str, Any]:
     levels = {}
-    for level, by_algorithm in _runs_by_level(runs).items():
-        run = _reference(by_algorithm)
-        if run is None:
-            levels[level] = _level_record(INCONCLUSIVE, _NO_REFERENCE)
-            continue
-        if _all_zero(grid_points(run)):
-            levels[level] = _level_record(INCONCLUSIVE, _ALL_ZERO, run=run.name)
-            continue
+    for level, run in _scored_reference_runs(runs, levels):
         nonzero = sorted(
             {p.epochs for p in grid_points(run, report.FINETUNE) if p.epochs not in (0, None)}
         )

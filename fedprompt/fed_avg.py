@@ -227,9 +227,8 @@ def compute_server_step(
     aggregates: collections.OrderedDict,
 ) -> tuple[server_update_lib.ServerState, collections.OrderedDict]:
     """Pure TF body of `build_server_step` (also used by the XLA runtime)."""
-    sums, mins, maxs = aggregates["sums"], aggregates["mins"], aggregates["maxs"]
-    has_finite = sums["num_finite"] > 0
-    apply_update = tf.logical_and(has_finite, sums["weight"] > 0)
+    sums = aggregates["sums"]
+    apply_update = tf.logical_and(sums["num_finite"] > 0, sums["weight"] > 0)
     mean_delta = tf.math.divide_no_nan(sums["weighted_delta"], sums["weight"])
     new_state = server_update_lib.server_update(
         server_optimizer=server_optimizer,
@@ -237,26 +236,12 @@ def compute_server_step(
         gradient=-mean_delta,
         apply_update=apply_update,
     )
-    num_finite = tf.cast(sums["num_finite"], tf.float32)
-    metrics = collections.OrderedDict(
-        train_loss=common.nan_unless(
-            has_finite, tf.math.divide_no_nan(sums["loss_sum"], sums["num_tokens"])
-        ),
-        grad_norm_mean=common.nan_unless(
-            has_finite, tf.math.divide_no_nan(sums["grad_norm"], num_finite)
-        ),
-        grad_norm_min=common.nan_unless(has_finite, mins["grad_norm"]),
-        grad_norm_max=common.nan_unless(has_finite, maxs["grad_norm"]),
-        update_norm_mean=common.nan_unless(
-            has_finite, tf.math.divide_no_nan(sums["update_norm"], num_finite)
-        ),
-        update_norm_min=common.nan_unless(has_finite, mins["update_norm"]),
-        update_norm_max=common.nan_unless(has_finite, maxs["update_norm"]),
-        num_clients=sums["num_clients"],
-        num_nonfinite_clients=sums["num_clients"] - sums["num_finite"],
-        num_examples=sums["num_examples"],
-        num_tokens=sums["num_tokens"],
-        server_update_norm=tf.norm(new_state.prompt - state.prompt),
+    metrics = common.round_metrics(
+        aggregates,
+        client_norms=("grad_norm", "update_norm"),
+        server_metrics=collections.OrderedDict(),
+        old_prompt=state.prompt,
+        new_prompt=new_state.prompt,
         update_applied=apply_update,
     )
     return new_state, metrics

@@ -122,7 +122,7 @@ def compute_server_step(
     aggregates: collections.OrderedDict,
 ) -> tuple[server_update_lib.ServerState, collections.OrderedDict]:
     """Pure TF body of `build_server_step` (also used by the XLA runtime)."""
-    sums, mins, maxs = aggregates["sums"], aggregates["mins"], aggregates["maxs"]
+    sums = aggregates["sums"]
     has_finite = sums["num_finite"] > 0
     apply_update = tf.logical_and(has_finite, sums["num_tokens"] > 0)
     gradient = tf.math.divide_no_nan(sums["gradient_sum"], sums["num_tokens"])
@@ -132,22 +132,14 @@ def compute_server_step(
         gradient=gradient,
         apply_update=apply_update,
     )
-    num_finite = tf.cast(sums["num_finite"], tf.float32)
-    metrics = collections.OrderedDict(
-        train_loss=common.nan_unless(
-            has_finite, tf.math.divide_no_nan(sums["loss_sum"], sums["num_tokens"])
+    metrics = common.round_metrics(
+        aggregates,
+        client_norms=("grad_norm",),
+        server_metrics=collections.OrderedDict(
+            server_grad_norm=common.nan_unless(has_finite, tf.norm(gradient))
         ),
-        grad_norm_mean=common.nan_unless(
-            has_finite, tf.math.divide_no_nan(sums["grad_norm"], num_finite)
-        ),
-        grad_norm_min=common.nan_unless(has_finite, mins["grad_norm"]),
-        grad_norm_max=common.nan_unless(has_finite, maxs["grad_norm"]),
-        server_grad_norm=common.nan_unless(has_finite, tf.norm(gradient)),
-        num_clients=sums["num_clients"],
-        num_nonfinite_clients=sums["num_clients"] - sums["num_finite"],
-        num_examples=sums["num_examples"],
-        num_tokens=sums["num_tokens"],
-        server_update_norm=tf.norm(new_state.prompt - state.prompt),
+        old_prompt=state.prompt,
+        new_prompt=new_state.prompt,
         update_applied=apply_update,
     )
     return new_state, metrics

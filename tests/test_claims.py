@@ -183,6 +183,16 @@ def test_all_zero_scores_are_inconclusive():
         assert "every score involved is 0" in _level(record)["reason"]
 
 
+def test_levels_without_a_reference_run_are_inconclusive():
+    # Any known algorithm can be the reference (FedAvg(Adam) first); a level with
+    # only runs of algorithms claims does not know has none.
+    runs = [make_run("fedprox")]
+    for claim in (claims.claim_c1, claims.claim_c2, claims.claim_c5):
+        record = claim(runs)
+        assert record["verdict"] == claims.INCONCLUSIVE, record["claim"]
+        assert _level(record)["reason"].startswith("no run of fedavg_adam, "), record["claim"]
+
+
 def test_c3_inconclusive_without_sgd_run():
     record = claims.claim_c3([make_run(ADAM)])
     assert record["verdict"] == claims.INCONCLUSIVE
