@@ -553,6 +553,21 @@ def _panels(count: int, width: float, height: float, rows: int = 1):
     return figure, axes
 
 
+_LOCAL_AXIS = "mean local ROUGE-L (test clients)"
+_GLOBAL_AXIS = "mean global ROUGE-L"
+
+
+def _finish_axes(ax, title, xlabel, *, ylabel=None, legend_size=7, title_size=None):
+    """Title, labels, grid, and a legend when something on the axes has a label."""
+    ax.set_title(title, **({} if title_size is None else {"fontsize": title_size}))
+    ax.set_xlabel(xlabel)
+    if ylabel is not None:
+        ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=legend_size)
+
+
 def _plot_tradeoff_by_level(levels, by_level, path):
     figure, axes = _panels(len(levels), 5.0, 4.5)
     plotted = 0
@@ -579,12 +594,7 @@ def _plot_tradeoff_by_level(levels, by_level, path):
             start = [p for p in points if p.epochs == 0]
             if start:
                 ax.scatter([start[0].local], [start[0].global_], marker="*", s=150, color=color)
-        ax.set_title(f"{level}: fine-tuning trade-off")
-        ax.set_xlabel("mean local ROUGE-L (test clients)")
-        ax.set_ylabel("mean global ROUGE-L")
-        ax.grid(alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=7)
+        _finish_axes(ax, f"{level}: fine-tuning trade-off", _LOCAL_AXIS, ylabel=_GLOBAL_AXIS)
     if not plotted:
         return None
     figure.suptitle("Pareto frontiers over every lr and epoch count (star: epoch 0)")
@@ -607,11 +617,7 @@ def _plot_norms(levels, by_level, path):
                 rounds = report._column(run.rounds, "round")
                 ax.plot(rounds, values, color=_COLORS.get(algorithm), label=_display(algorithm))
             ax.set_yscale("log")
-            ax.set_title(f"{level}: {title}")
-            ax.set_xlabel("round")
-            ax.grid(alpha=0.3)
-            if ax.get_legend_handles_labels()[0]:
-                ax.legend(fontsize=7)
+            _finish_axes(ax, f"{level}: {title}", "round")
     if not plotted:
         return None
     return report._save(figure, path)
@@ -665,12 +671,13 @@ def _plot_mitigations(levels, by_level, path):
         start = [p for p in claims.grid_points(run, report.FINETUNE) if p.epochs == 0]
         if start:
             ax.scatter([start[0].local], [start[0].global_], marker="*", s=150, color="black")
-        ax.set_title(f"{level}: mitigations from {_display(run.algorithm)}")
-        ax.set_xlabel("mean local ROUGE-L (test clients)")
-        ax.set_ylabel("mean global ROUGE-L")
-        ax.grid(alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=6)
+        _finish_axes(
+            ax,
+            f"{level}: mitigations from {_display(run.algorithm)}",
+            _LOCAL_AXIS,
+            ylabel=_GLOBAL_AXIS,
+            legend_size=6,
+        )
     if not plotted:
         return None
     return report._save(figure, path)
@@ -697,11 +704,12 @@ def _plot_epochs(levels, by_level, path):
             ax.set_xscale("symlog", linthresh=1.0)
             ax.set_xticks([float(e) for e in all_epochs], [str(e) for e in all_epochs])
             ax.minorticks_off()
-            ax.set_title(f"{level}: {name} ROUGE-L from {_display(run.algorithm)}", fontsize=10)
-            ax.set_xlabel("personalization epochs")
-            ax.grid(alpha=0.3)
-            if ax.get_legend_handles_labels()[0]:
-                ax.legend(fontsize=7)
+            _finish_axes(
+                ax,
+                f"{level}: {name} ROUGE-L from {_display(run.algorithm)}",
+                "personalization epochs",
+                title_size=10,
+            )
     if not plotted:
         return None
     return report._save(figure, path)
@@ -738,11 +746,8 @@ def _plot_heterogeneity(levels, by_level, path):
         return None
     for ax, title in zip(axes[0], ("local gain", "forgetting (global drop)")):
         ax.set_xticks(range(len(levels)), levels, rotation=20, fontsize=7)
-        ax.set_title(f"{title} at the largest lr and epochs")
-        ax.set_xlabel("heterogeneity (least -> most)")
         ax.axhline(0, color="grey", linewidth=0.6)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        _finish_axes(ax, f"{title} at the largest lr and epochs", "heterogeneity (least -> most)")
     return report._save(figure, path)
 
 
