@@ -63,7 +63,7 @@ sweep-default: install
 # at once in TFF (4 at once need about 14 GiB more).
 sweep-sni: install
 	$(BIN)/python run_sweep.py --output_dir=runs/sweep-sni \
-	  --algorithms=$(SWEEP_ALGORITHMS) --partitions=natural,dirichlet:1 \
+	  --algorithms=$(SWEEP_ALGORITHMS) --partitions=natural,dirichlet:1 --example_category=Translation \
 	  --base_flags="--backbone=smollm2-135m-instruct --data=../shared/data/sni-mini \
 	    --seed=9 --runtime=xla --max_concurrent_clients=2 \
 	    --rounds=6 --eval_every=3 --num_clients=16 \

@@ -51,6 +51,12 @@ _REPORT_ONLY = flags.DEFINE_bool(
 _CELL_TIMEOUT = flags.DEFINE_float(
     "cell_timeout_s", None, "Stop a cell after this many seconds (counted failed; rerun resumes)."
 )
+_EXAMPLE_CATEGORY = flags.DEFINE_string(
+    "example_category",
+    None,
+    "A data category (e.g. Translation) whose test clients get their own fine-tuning "
+    "curves in the report (table and plots/example_client.png).",
+)
 _PREFLIGHT = flags.DEFINE_bool(
     "preflight", True, "Check every cell's flags with run_experiment's parser first."
 )
@@ -100,7 +106,10 @@ def main(argv):
         return 2
     command = shlex.join(["python", "run_sweep.py", *sys.argv[1:]])
     written = sweep.write_sweep_report(
-        output_dir, description=f"Command: `{command}`", failed=failed
+        output_dir,
+        description=f"Command: `{command}`",
+        failed=failed,
+        example_category=_EXAMPLE_CATEGORY.value,
     )
     for record in written["records"]:
         print(f"{record['claim']}: {record['verdict']}")

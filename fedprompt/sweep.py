@@ -751,6 +751,134 @@ def _plot_heterogeneity(levels, by_level, path):
     return report._save(figure, path)
 
 
+@dataclasses.dataclass(frozen=True)
+class ClientCurves:
+    """Fine-tuning curves of a run's test clients whose home category is one category.
+
+    Attributes:
+      run: the run's display name; algorithm and level as in `claims.RunResult`.
+      client_ids: the test clients averaged (usually one).
+      curves: {learning rate: [(epochs, mean local ROUGE-L, mean global ROUGE-L)]},
+        epochs ascending, epoch 0 (the global prompt) included.
+    """
+
+    run: str
+    algorithm: str
+    level: str
+    client_ids: Tuple[str, ...]
+    curves: Mapping[float, List[Tuple[Any, float, float]]]
+
+
+def category_client_curves(
+    run_dir: PathLike, category: str, *, name: Optional[str] = None
+) -> Optional[ClientCurves]:
+    """Plain fine-tuning curves of the test clients with home category `category`.
+
+    Reads `partition.json` (which test client has which home category) and
+    `personalization.csv` (rows of the start named like the run's algorithm, else
+    the first start, as `claims`). None when no test client has that category.
+    """
+    run_dir = pathlib.Path(run_dir)
+    run = claims.load_run(run_dir, name=name)
+    partition = json.loads((run_dir / report.PARTITION_JSON).read_text())
+    client_ids = tuple(
+        c["client_id"]
+        for c in partition.get("clients", [])
+        if c.get("population") == report.TEST_SPLIT and c.get("home_category") == category
+    )
+    if not client_ids:
+        return None
+    rows = report.read_csv(run_dir / report.PERSONALIZATION_CSV)
+    starts = sorted({r["start"] for r in rows})
+    start = run.config.get("algorithm")
+    start = start if start in starts else (starts[0] if starts else None)
+    scores: Dict[float, Dict[Any, List[Tuple[float, float]]]] = {}
+    for row in rows:
+        if (
+            row["start"] == start
+            and row["client_split"] == report.TEST_SPLIT
+            and row["client_id"] in client_ids
+            and row["method"] == report.FINETUNE
+        ):
+            by_epochs = scores.setdefault(float(row["learning_rate"]), {})
+            by_epochs.setdefault(row["epochs"], []).append(
+                (row["local_rougeL"], row["global_rougeL"])
+            )
+    curves = {
+        lr: [
+            (epochs, float(np.mean([v[0] for v in values])), float(np.mean([v[1] for v in values])))
+            for epochs, values in sorted(by_epochs.items(), key=lambda item: float(item[0]))
+        ]
+        for lr, by_epochs in sorted(scores.items())
+    }
+    return ClientCurves(run.name, run.algorithm, run.level, client_ids, curves)
+
+
+def _plot_example_clients(examples: Sequence[ClientCurves], category: str, path):
+    """Local and global ROUGE-L vs epochs per lr: one row per level, its reference run."""
+    rank = {a: i for i, a in enumerate(claims.REFERENCE_ALGORITHMS)}
+    per_level: Dict[str, ClientCurves] = {}
+    for example in examples:
+        kept = per_level.get(example.level)
+        if kept is None or rank.get(example.algorithm, 99) < rank.get(kept.algorithm, 99):
+            per_level[example.level] = example
+    examples = list(per_level.values())
+    if not examples:
+        return None
+    figure, axes = _panels(2, 5.0, 3.5, rows=len(examples))
+    for row, example in enumerate(examples):
+        epochs_seen = sorted({float(e) for c in example.curves.values() for e, _, _ in c})
+        for lr, curve in example.curves.items():
+            epochs = [float(e) for e, _, _ in curve]
+            label = f"lr {lr:.3g}"
+            axes[row, 0].plot(epochs, [v[1] for v in curve], marker="o", ms=3, label=label)
+            axes[row, 1].plot(epochs, [v[2] for v in curve], marker="o", ms=3, label=label)
+        for column, name in enumerate(("local", "global")):
+            ax = axes[row, column]
+            ax.set_xscale("symlog", linthresh=1.0)
+            ax.set_xticks(epochs_seen, [f"{e:g}" for e in epochs_seen])
+            ax.minorticks_off()
+            _finish_axes(
+                ax,
+                f"{example.level}: {category} client, {name} ROUGE-L ({_display(example.algorithm)})",
+                "personalization epochs",
+                title_size=9,
+            )
+    return report._save(figure, path)
+
+
+def _example_client_lines(examples: Sequence[ClientCurves], category: str) -> List[str]:
+    lines = [f"## Example client: {category}", ""]
+    if not examples:
+        return lines + [f"No test client has home category {category!r} in these runs.", ""]
+    rows = []
+    for example in examples:
+        for lr, curve in example.curves.items():
+            rows.append(
+                (
+                    example.run,
+                    _display(example.algorithm),
+                    example.level,
+                    ", ".join(example.client_ids),
+                    lr,
+                    " / ".join(f"{float(e):g}" for e, _, _ in curve),
+                    " / ".join(report._format_number(v[1], 3) for v in curve),
+                    " / ".join(report._format_number(v[2], 3) for v in curve),
+                )
+            )
+    lines += report._table(
+        ("run", "algorithm", "level", "client", "lr", "epochs", "local ROUGE-L", "global ROUGE-L"),
+        rows,
+    )
+    return lines + [
+        "",
+        f"Plain fine-tuning of the {category} test client(s) from each run's global prompt; "
+        "each column lists the values at the epochs in the order of the `epochs` column.",
+        "",
+    ]
+
+
+EXAMPLE_CLIENT_PLOT = "example_client.png"
 SWEEP_PLOTS = {
     "tradeoff_by_level.png": _plot_tradeoff_by_level,
     "norms_by_level.png": _plot_norms,
@@ -867,6 +995,7 @@ def write_sweep_report(
     run_dirs: Optional[Sequence[PathLike]] = None,
     description: str = "",
     failed: Sequence[str] = (),
+    example_category: Optional[str] = None,
 ) -> Dict[str, Any]:
     """Writes `sweep_report.md`, `claims.json` and the sweep plots.
 
@@ -875,6 +1004,9 @@ def write_sweep_report(
       run_dirs: the runs to include (default: `discover_run_dirs(output_dir)`).
       description: a paragraph about the grid (the command, the settings).
       failed: names of cells that failed, listed in the report.
+      example_category: a category whose test clients get their own section and
+        plot (`example_client.png`): fine-tuning curves at each lr, in every run
+        (the paper's "translation client").
 
     Returns:
       {"report": path, "claims": path, "plots": [paths], "records": claim records}.
@@ -975,6 +1107,22 @@ def write_sweep_report(
     ]
     for record in records:
         lines += _claim_details(record)
+    example_plot = output_dir / report.PLOTS_DIR / EXAMPLE_CLIENT_PLOT
+    example_plot.unlink(missing_ok=True)
+    if example_category is not None:
+        by_name = {p.name: p for p in run_dirs}
+        examples = [
+            e
+            for e in (
+                category_client_curves(by_name[run.name], example_category, name=run.name)
+                for run in _sorted_runs(runs)
+            )
+            if e is not None
+        ]
+        lines += _example_client_lines(examples, example_category)
+        plot = _plot_example_clients(examples, example_category, example_plot)
+        if plot is not None:
+            plots = [*plots, plot]
     lines += ["## Plots", ""]
     for plot in plots:
         lines += [f"![{plot.stem}]({plot.relative_to(output_dir).as_posix()})", ""]

@@ -345,3 +345,60 @@ def test_subprocess_runner_stops_leftover_children(tmp_path, hang):
     assert _gone(int(child_pid.read_text()))
     log = (tmp_path / "logs" / "cell.log").read_text()
     assert "run_experiment.py --algorithm=fedavg" in log and "started" in log
+
+
+# --------------------------------------------------------------------------- example client
+
+
+def _two_client_run(run_dir):
+    """A FedAvg run with test clients t1 (Translation) and t2 (Mathematics)."""
+    rows = personalization_rows(GOOD_FINETUNE)
+    # t2 (another category) has other scores; it must not enter the Translation curves.
+    rows += [
+        dict(r, client_id="t2", local_rougeL=0.9, global_rougeL=0.9)
+        for r in rows
+        if r["client_split"] == "test"
+    ]
+    # A second start: only the run's own start (fedavg) counts.
+    rows += [dict(r, start="local", local_rougeL=0.0) for r in rows]
+    write_run_dir(run_dir, config={"algorithm": "fedavg", "client_optimizer": "adam"}, rows=rows)
+    partition = {
+        "heterogeneity": 0.8,
+        "clients": [
+            {"client_id": "v1", "population": "validation", "home_category": "Translation"},
+            {"client_id": "t1", "population": "test", "home_category": "Translation"},
+            {"client_id": "t2", "population": "test", "home_category": "Mathematics"},
+        ],
+    }
+    (run_dir / report.PARTITION_JSON).write_text(json.dumps(partition))
+    return run_dir
+
+
+def test_category_client_curves_are_that_clients_finetuning_curves(tmp_path):
+    run_dir = _two_client_run(tmp_path / "fedavg_adam__natural")
+    example = sweep.category_client_curves(run_dir, "Translation")
+    assert example.client_ids == ("t1",) and example.algorithm == claims.FEDAVG_ADAM
+    assert example.curves == {
+        lr: [(float(e), pytest.approx(lo), pytest.approx(gl)) for e, lo, gl in curve]
+        for lr, curve in GOOD_FINETUNE.items()
+    }
+    assert sweep.category_client_curves(run_dir, "Sentiment Analysis") is None
+
+
+def test_report_has_the_example_client_section_and_plot(tmp_path):
+    _two_client_run(tmp_path / "fedavg_adam__natural")
+    written = sweep.write_sweep_report(tmp_path, example_category="Translation")
+    text = (tmp_path / sweep.SWEEP_REPORT_MD).read_text()
+    assert "## Example client: Translation" in text
+    # lr 0.3: epochs 0 / 1 / 4, local 0.30 -> 0.50, global 0.50 -> 0.35 (GOOD_FINETUNE).
+    assert "| t1 | 0.3 | 0 / 1 / 4 | 0.3 / 0.4 / 0.5 | 0.5 / 0.44 / 0.35 |" in text
+    assert (tmp_path / report.PLOTS_DIR / sweep.EXAMPLE_CLIENT_PLOT) in written["plots"]
+    # Without the category the section and a stale plot are gone.
+    sweep.write_sweep_report(tmp_path)
+    assert "## Example client" not in (tmp_path / sweep.SWEEP_REPORT_MD).read_text()
+    assert not (tmp_path / report.PLOTS_DIR / sweep.EXAMPLE_CLIENT_PLOT).exists()
+    sweep.write_sweep_report(tmp_path, example_category="Sentiment Analysis")
+    assert (
+        "No test client has home category 'Sentiment Analysis'"
+        in (tmp_path / sweep.SWEEP_REPORT_MD).read_text()
+    )
