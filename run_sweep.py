@@ -21,6 +21,7 @@ flags are checked by run_experiment's own parser before anything runs.
 
 import pathlib
 import shlex
+import signal
 import sys
 
 from absl import app, flags
@@ -62,6 +63,17 @@ _PREFLIGHT = flags.DEFINE_bool(
 )
 
 
+def exit_on_sigterm(signum, frame):
+    """SIGTERM (kill, a batch scheduler) unwinds like Ctrl-C.
+
+    Python's default SIGTERM ends the process at once, so the running cell (its
+    own process group, TFF workers included) would be left running; raising
+    here runs `run_cell_subprocess`'s cleanup, which stops that group.
+    """
+    del frame
+    raise SystemExit(128 + signum)
+
+
 def _grid():
     algorithms = sweep.parse_algorithms(_ALGORITHMS.value)
     levels = sweep.parse_partitions(_PARTITIONS.value)
@@ -77,6 +89,7 @@ def _grid():
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    signal.signal(signal.SIGTERM, exit_on_sigterm)
     output_dir = _OUTPUT_DIR.value
     try:
         if _CELL_TIMEOUT.value is not None and not _CELL_TIMEOUT.value > 0:

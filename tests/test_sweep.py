@@ -347,6 +347,38 @@ def test_subprocess_runner_stops_leftover_children(tmp_path, hang):
     assert "run_experiment.py --algorithm=fedavg" in log and "started" in log
 
 
+def test_sigterm_of_the_sweep_stops_the_running_cell(tmp_path):
+    # The sweep driver's SIGTERM handler, with a cell that never ends and leaves
+    # a child behind (like TFF's worker_binary).
+    child_pid = tmp_path / "child.pid"
+    python = _fake_python(tmp_path, f"sleep 60 &\necho $! > {child_pid}\necho started\nsleep 60\n")
+    script = tmp_path / "driver.py"
+    script.write_text(
+        "import pathlib, signal, sys\n"
+        f"sys.path.insert(0, {str(REPO)!r})\n"
+        "import run_sweep\n"
+        "from fedprompt import sweep\n"
+        "signal.signal(signal.SIGTERM, run_sweep.exit_on_sigterm)\n"
+        "cell = sweep.build_grid(algorithms=['fedavg_sgd'], "
+        "levels=sweep.parse_partitions('natural'), base_flags=[])[0]\n"
+        f"out = pathlib.Path({str(tmp_path)!r})\n"
+        "sweep.run_cell_subprocess(cell, cell_dir=out / cell.name, log_path=out / 'cell.log', "
+        f"progress=lambda line: print(line, flush=True), python={python!r})\n"
+    )
+    driver = subprocess.Popen(
+        [sys.executable, str(script)], stdout=subprocess.PIPE, text=True, cwd=REPO
+    )
+    try:
+        for line in driver.stdout:  # Skips import chatter up to the cell's first line.
+            if "started" in line:
+                break
+        driver.terminate()
+        assert driver.wait(timeout=30) == 128 + 15
+    finally:
+        driver.kill()
+    assert _gone(int(child_pid.read_text()))
+
+
 # --------------------------------------------------------------------------- example client
 
 
