@@ -59,11 +59,15 @@ sweep-default: install
 # Sequence 320: the longest sni-mini example (task174, en->ja) needs 317 tokens, so
 # nothing is truncated. Seed 9: the smallest seed whose natural-partition test
 # clients include a Translation client (chosen from the partition alone, before any
-# run). XLA runtime for training (same prompts as TFF within 1e-5); at most 2 clients
+# run). FedAvg(SGD) clients at lr 0.1 instead of the sweep's 0.3, which diverged on
+# SmolLM2 in round 2 (loss 1.2 -> 12.8, gradient norm 3 -> 130; docs/RESULTS.md).
+# XLA runtime for training (same prompts as TFF within 1e-5); at most 2 clients
 # at once in TFF (4 at once need about 14 GiB more).
+# FedAvg(Adam) first: the reference run of C1, C2 and C5.
+SNI_ALGORITHMS ?= fedavg_adam,fedavg_sgd,fedsgd,centralized
 sweep-sni: install
 	$(BIN)/python run_sweep.py --output_dir=runs/sweep-sni \
-	  --algorithms=$(SWEEP_ALGORITHMS) --partitions=natural,dirichlet:1 --example_category=Translation \
+	  --algorithms=$(SNI_ALGORITHMS) --partitions=natural,dirichlet:1 --example_category=Translation \
 	  --base_flags="--backbone=smollm2-135m-instruct --data=../shared/data/sni-mini \
 	    --seed=9 --runtime=xla --max_concurrent_clients=2 \
 	    --rounds=6 --eval_every=3 --num_clients=16 \
@@ -71,7 +75,8 @@ sweep-sni: install
 	    --batch_size=4 --sequence_length=320 --max_new_tokens=16 --prompt_length=20 \
 	    --personalization_learning_rates=0.31622776601683794,0.01 \
 	    --personalization_epochs=0,1,2,4 --max_local_test_examples=4 \
-	    --max_global_test_examples=8" $(SWEEP_FLAGS)
+	    --max_global_test_examples=8" \
+	  --set=fedavg_sgd:client_learning_rate=0.1 $(SWEEP_FLAGS)
 
 bench: install
 	$(BIN)/python -m bench.run_all
