@@ -9,6 +9,7 @@ import sys
 
 BENCHMARKS = (
     "bench.bench_partition",
+    "bench.bench_backbone_load",
     "bench.bench_personalization",
     "bench.bench_train_step",
     "bench.bench_generate",

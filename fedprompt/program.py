@@ -35,6 +35,7 @@ import asyncio
 import contextlib
 import csv
 import dataclasses
+import gc
 import json
 import logging
 import math
@@ -1026,6 +1027,10 @@ def run_experiment(
                 output_dir=output_dir,
                 progress=progress,
             )
+            # The XLA runtime's process holds an eager backbone and its compiled
+            # step; drop them before personalization, which needs the memory.
+            del process
+            gc.collect()
         _write_atomic(
             output_dir / "final_prompt.npy", lambda f: np.save(f, final_prompt), binary=True
         )
