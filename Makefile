@@ -55,7 +55,8 @@ sweep-default: install
 	  --base_flags="--rounds=10 --l2_strengths=0.1,1.0" $(SWEEP_FLAGS)
 
 # SmolLM2-135M-Instruct on sni-mini (beside the repository), reduced to fit a 2-core CPU
-# (docs/RESULTS.md says what was reduced): about 25 min per cell, 3-3.5 h in all.
+# (docs/RESULTS.md says what was reduced): about 1 h per cell (personalization is
+# most of it), 7 h in all.
 # Sequence 320: the longest sni-mini example (task174, en->ja) needs 317 tokens, so
 # nothing is truncated. Seed 9: the smallest seed whose natural-partition test
 # clients include a Translation client (chosen from the partition alone, before any
