@@ -76,6 +76,78 @@ def dataset_loss(model: PromptTunedLM, prompt: tf.Tensor, dataset: tf.data.Datas
     return dataset.reduce((tf.constant(0.0), tf.constant(0.0)), step)
 
 
+def generate_in_length_order(
+    model: PromptTunedLM,
+    prompt: tf.Tensor,
+    input_ids: tf.Tensor,
+    input_lengths: tf.Tensor,
+    *,
+    chunk_size: Optional[int],
+    max_new_tokens: int,
+    stop_token_ids: Sequence[int],
+    pad_token_id: int,
+) -> tuple[tf.Tensor, tf.Tensor]:
+    """`PromptTunedLM.greedy_generate` of left-padded rows, shortest rows first.
+
+    Rows are sorted by length and decoded `chunk_size` at a time (all at once
+    when None), each chunk cut to its own longest row, so a set padded to a long
+    width for its longest example pays that width only in the chunk holding it.
+    Graph-mode friendly (TFF computations): the chunk loop is a `tf.while_loop`.
+    The shorter layout only removes left padding, which is masked out of
+    attention; outputs come back in the input's row order.
+
+    Returns:
+      `(tokens [N, max_new_tokens] int32, lengths [N] int32)`.
+    """
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"`chunk_size` must be >= 1 or None, got {chunk_size}.")
+    input_ids = tf.convert_to_tensor(input_ids, tf.int32)
+    input_lengths = tf.convert_to_tensor(input_lengths, tf.int32)
+    num_rows = tf.shape(input_ids)[0]
+    width = tf.shape(input_ids)[1]
+    order = tf.argsort(input_lengths, stable=True)
+    ids = tf.gather(input_ids, order)
+    lengths = tf.gather(input_lengths, order)
+    size = num_rows if chunk_size is None else tf.constant(chunk_size, tf.int32)
+    size = tf.maximum(size, 1)
+    num_chunks = (num_rows + size - 1) // size
+
+    def body(chunk, tokens_array, lengths_array):
+        start = chunk * size
+        stop = tf.minimum(start + size, num_rows)
+        chunk_lengths = lengths[start:stop]
+        chunk_width = tf.maximum(tf.reduce_max(chunk_lengths), 1)
+        tokens, generated = model.greedy_generate(
+            prompt,
+            ids[start:stop, width - chunk_width :],
+            chunk_lengths,
+            max_new_tokens=max_new_tokens,
+            stop_token_ids=stop_token_ids,
+            pad_token_id=pad_token_id,
+        )
+        return chunk + 1, tokens_array.write(chunk, tokens), lengths_array.write(chunk, generated)
+
+    arrays = (
+        tf.TensorArray(
+            tf.int32, size=num_chunks, infer_shape=False, element_shape=[None, max_new_tokens]
+        ),
+        tf.TensorArray(tf.int32, size=num_chunks, infer_shape=False, element_shape=[None]),
+    )
+
+    def generate_all():
+        _, tokens_array, lengths_array = tf.while_loop(
+            lambda chunk, *_: chunk < num_chunks, body, (tf.constant(0), *arrays)
+        )
+        inverse = tf.math.invert_permutation(order)
+        tokens = tf.reshape(tokens_array.concat(), [-1, max_new_tokens])
+        return tf.gather(tokens, inverse), tf.gather(lengths_array.concat(), inverse)
+
+    def nothing():  # TensorArray.concat of zero chunks fails
+        return tf.zeros([0, max_new_tokens], tf.int32), tf.zeros([0], tf.int32)
+
+    return tf.cond(num_rows > 0, generate_all, nothing)
+
+
 class Generator:
     """Batched greedy decoding compiled once per (batch width, token budget).
 

@@ -159,11 +159,14 @@ def evaluate_prompts(
     max_new_tokens: int,
     stop_token_ids: Sequence[int],
     pad_token_id: int,
+    generation_batch_size: Optional[int] = None,
 ) -> collections.OrderedDict:
     """Scores each of `prompts [K, P, H]` on one client's local and global test data.
 
     A graph loop over `K`, so the decoding and loss graphs are traced once however
-    large the grid is. Returns an OrderedDict of tensors stacked over `K`:
+    large the grid is. Decoding runs shortest inputs first, `generation_batch_size`
+    rows at a time, each batch cut to its longest input
+    (`evaluation.generate_in_length_order`). Returns an OrderedDict of tensors stacked over `K`:
     `{local,global}_loss_sum [K]`, `{local,global}_num_tokens [K]`,
     `{local,global}_tokens [K, N, max_new_tokens]`, `{local,global}_lengths [K, N]`.
     """
@@ -174,10 +177,12 @@ def evaluate_prompts(
         global_loss, global_count = evaluation.dataset_loss(
             model, prompt, data["global_test_batches"]
         )
-        generate = lambda ids, lens: model.greedy_generate(  # noqa: E731
+        generate = lambda ids, lens: evaluation.generate_in_length_order(  # noqa: E731
+            model,
             prompt,
             ids,
             lens,
+            chunk_size=generation_batch_size,
             max_new_tokens=max_new_tokens,
             stop_token_ids=stop_token_ids,
             pad_token_id=pad_token_id,
@@ -307,6 +312,7 @@ def build_personalization_evaluation(
     stop_token_ids: Sequence[int],
     pad_token_id: int,
     clip_norm: Optional[float] = None,
+    generation_batch_size: Optional[int] = None,
 ) -> PersonalizationEvaluation:
     """Builds the federated computations of the personalization sweep.
 
@@ -315,6 +321,8 @@ def build_personalization_evaluation(
     grid (tracing a 30-layer backbone costs about a minute: DESIGN.md trap 6). The
     frozen backbone is rebuilt inside each client computation by `model_fn`
     (restored from its checkpoint there); only prompts and data cross the wire.
+    `generation_batch_size` bounds how many rows are decoded at once (None: a
+    client's whole local or global set), see `evaluate_prompts`.
     """
     prompt_shape = tuple(int(d) for d in prompt_shape)
     prompt_type = tff.TensorType(np.float32, list(prompt_shape))
@@ -381,6 +389,7 @@ def build_personalization_evaluation(
             max_new_tokens=max_new_tokens,
             stop_token_ids=stop_token_ids,
             pad_token_id=pad_token_id,
+            generation_batch_size=generation_batch_size,
         )
 
     @tff.federated_computation(

@@ -501,7 +501,15 @@ def build_data(config: ExperimentConfig, backbone: backbones.ResolvedBackbone) -
     )
 
     def batches(examples, seed=None):
-        return build_dataset(examples, batch_size=config.batch_size, shuffle_seed=seed, **encode)
+        # Evaluation sets (no seed) are sorted by length: their loss sums do not
+        # depend on order, and similar lengths per batch leave little padding.
+        return build_dataset(
+            examples,
+            batch_size=config.batch_size,
+            shuffle_seed=seed,
+            sort_by_length=seed is None,
+            **encode,
+        )
 
     def generation(examples, limit):
         return build_generation_inputs(
@@ -1009,6 +1017,9 @@ def run_experiment(
             max_new_tokens=config.max_new_tokens,
             stop_token_ids=backbone.stop_token_ids,
             pad_token_id=backbone.tokenizer.pad_token_id,
+            # Length-sorted batches of the training batch size: a long example
+            # (e.g. en->ja translation) no longer pads every other row to its width.
+            generation_batch_size=config.batch_size,
         )
         evaluator = _Evaluator(evaluation_process, data, backbone.tokenizer)
         if config.algorithm == "local":

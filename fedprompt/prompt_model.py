@@ -70,6 +70,21 @@ class PromptInit(enum.Enum):
     TEXT = "text"
 
 
+def trim_right_padding(batch):
+    """Cuts the trailing columns that are padding in every row of `batch`.
+
+    A column is kept up to the last one where any row has a real or a target
+    token, so nothing a loss reads is dropped. At least one column is kept.
+    Shapes become data-dependent: for XLA use `static_shape_loss` instead.
+    """
+    used = tf.reduce_any(
+        tf.cast(batch["padding_mask"], tf.bool) | tf.cast(batch["target_mask"], tf.bool), axis=0
+    )
+    width = tf.maximum(tf.reduce_max(tf.where(used)[:, 0]) + 1, 1)
+    # reduce_max of an empty set is the int64 minimum: the maximum with 1 covers it.
+    return {key: value[:, :width] for key, value in batch.items()}
+
+
 def architecture_of(backbone: tf.keras.Model) -> Architecture:
     if isinstance(backbone, keras_nlp.models.GPT2Backbone):
         return Architecture.GPT2
@@ -233,10 +248,19 @@ class PromptTunedLM:
         predicts token 0). The LM head is applied only at target positions, which
         saves a `[B, T, V]` matmul for large vocabularies.
 
+        Rows are right-padded, so the columns after the batch's longest row are
+        padding in every row; they are cut off first. Under the causal mask no
+        real position attends to a later one, so the loss is unchanged (up to
+        float summation order) while a batch of short examples padded to a long
+        `sequence_length` costs only its own length.
+
         Returns:
           `(loss_sum, num_target_tokens)`, both float32 scalars; the mean loss is
           their ratio.
         """
+        if prompt.shape[0] is not None and batch["token_ids"].shape[1] is not None:
+            self._check_length(prompt.shape[0] + batch["token_ids"].shape[1])
+        batch = trim_right_padding(batch)
         token_ids = batch["token_ids"]
         hidden = self.hidden_states(prompt, token_ids, batch["padding_mask"])
         prompt_length = tf.shape(prompt)[0]

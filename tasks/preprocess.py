@@ -302,12 +302,16 @@ def build_dataset(
     num_positive_examples: int = 0,
     truncation: Truncation = Truncation.TRUNCATE,
     drop_remainder: bool = False,
+    sort_by_length: bool = False,
 ) -> tf.data.Dataset:
     """A `tf.data.Dataset` of batches matching `batch_spec(sequence_length)`.
 
     Examples are encoded once (eagerly); with `shuffle_seed` their order is a
     seeded permutation (the same for every iteration: per-epoch reshuffling is the
-    client update's choice), else the given order.
+    client update's choice), else the given order. `sort_by_length` (evaluation
+    sets, whose order does not matter) orders them shortest first (stable), so
+    each batch holds similar lengths and `PromptTunedLM.loss`, which cuts a
+    batch's trailing padding, pays little for the padding.
 
     Returns:
       Dataset of `OrderedDict(token_ids int32, padding_mask bool, target_mask bool)`,
@@ -323,8 +327,14 @@ def build_dataset(
         num_positive_examples=num_positive_examples,
         truncation=truncation,
     )
+    if shuffle_seed is not None and sort_by_length:
+        raise ValueError("`shuffle_seed` and `sort_by_length` are exclusive: pick one order.")
+    order = None
     if shuffle_seed is not None:
         order = np.random.default_rng(shuffle_seed).permutation(len(arrays["token_ids"]))
+    elif sort_by_length:
+        order = np.argsort(arrays["padding_mask"].sum(axis=1), kind="stable")
+    if order is not None:
         arrays = collections.OrderedDict((k, v[order]) for k, v in arrays.items())
     if drop_remainder:
         # Cut the arrays rather than `batch(drop_remainder=True)`, which would make

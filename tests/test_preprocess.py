@@ -212,6 +212,19 @@ class DatasetTest(tf.test.TestCase, parameterized.TestCase):
         # A permutation of the same rows.
         self.assertAllEqual(np.sort(a, axis=0), np.sort(unshuffled, axis=0))
 
+    def test_sort_by_length_is_a_stable_shortest_first_permutation(self):
+        def rows(**kwargs):
+            batches = list(self._ds(**kwargs).as_numpy_iterator())
+            return {k: np.concatenate([b[k] for b in batches]) for k in ("token_ids", "padding_mask")}
+
+        given, ordered = rows(), rows(sort_by_length=True)
+        lengths = given["padding_mask"].sum(axis=1)
+        expected = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))  # stable by hand
+        self.assertAllEqual(ordered["token_ids"], given["token_ids"][expected])
+        self.assertTrue((np.diff(ordered["padding_mask"].sum(axis=1)) >= 0).all())
+        with self.assertRaisesRegex(ValueError, "exclusive"):
+            self._ds(shuffle_seed=1, sort_by_length=True)
+
     def test_generation_inputs_match_training_prompts(self):
         tok = ByteTokenizer()
         arrays, _ = preprocess.encode_examples(

@@ -148,6 +148,40 @@ class PromptModelTest(tf.test.TestCase, parameterized.TestCase):
         self.assertAllEqual(tokens.numpy()[0, first_stop:], [0] * (5 - first_stop))
         self.assertAllEqual(tokens.numpy()[0, :first_stop], free.numpy()[0, :first_stop])
 
+    @parameterized.parameters("gpt2", "llama")
+    def test_length_ordered_chunked_decoding_equals_one_padded_batch(self, kind):
+        from fedprompt import evaluation
+
+        model = prompt_model.PromptTunedLM(tiny_backbone(kind, seed=3))
+        prompt = tf.random.stateless_uniform([3, 16], seed=[9, 1], minval=-1, maxval=1)
+        rows = [[7, 8, 11, 3, 5, 2], [4, 6], [9, 9, 12], [3], [8, 1, 5, 5]]
+        ids, lengths = evaluation.left_pad(rows, pad_token_id=0, width=12)
+        kwargs = dict(max_new_tokens=5, stop_token_ids=[VOCAB + 5], pad_token_id=0)
+        reference = model.greedy_generate(prompt, ids, lengths, **kwargs)
+        spec = [tf.TensorSpec([3, 16]), tf.TensorSpec([None, None], tf.int32)]
+        for chunk_size in (None, 1, 2, 3, 8):
+            graph = tf.function(
+                lambda p, i, n, c=chunk_size: evaluation.generate_in_length_order(
+                    model, p, i, n, chunk_size=c, **kwargs
+                ),
+                input_signature=spec + [tf.TensorSpec([None], tf.int32)],
+            )
+            for tokens, generated in (
+                evaluation.generate_in_length_order(
+                    model, prompt, ids, lengths, chunk_size=chunk_size, **kwargs
+                ),
+                graph(prompt, ids, lengths),
+            ):
+                self.assertAllEqual(tokens, reference[0], msg=f"chunk_size={chunk_size}")
+                self.assertAllEqual(generated, reference[1])
+        tokens, generated = evaluation.generate_in_length_order(
+            model, prompt, ids[:0], lengths[:0], chunk_size=2, **kwargs
+        )
+        self.assertAllEqual(tokens.shape, [0, 5])
+        self.assertAllEqual(generated.shape, [0])
+        with self.assertRaisesRegex(ValueError, "chunk_size"):
+            evaluation.generate_in_length_order(model, prompt, ids, lengths, chunk_size=0, **kwargs)
+
     def test_init_modes_produce_documented_values(self):
         emb = np.arange(40, dtype=np.float32).reshape(10, 4)
         uniform = prompt_model.create_initial_prompt(
@@ -183,6 +217,41 @@ class PromptModelTest(tf.test.TestCase, parameterized.TestCase):
             prompt_model.create_initial_prompt(
                 embedding_matrix=np.zeros((3, 2)), prompt_length=0, init="random_uniform", seed=0
             )
+
+    def test_trim_right_padding_keeps_columns_up_to_the_last_used_one(self):
+        batch = _batch(
+            [[7, 8, 0, 0, 0, 0], [4, 6, 9, 0, 0, 0]],
+            [[1, 1, 0, 0, 0, 0], [1, 1, 1, 0, 0, 0]],
+            [[0, 1, 0, 0, 0, 0], [0, 0, 1, 0, 1, 0]],  # a stray target at column 4 is kept
+        )
+        trimmed = prompt_model.trim_right_padding(batch)
+        self.assertAllEqual(trimmed["token_ids"], [[7, 8, 0, 0, 0], [4, 6, 9, 0, 0]])
+        self.assertAllEqual(trimmed["target_mask"].shape, [2, 5])
+        empty = _batch([[0, 0, 0]], [[0, 0, 0]], [[0, 0, 0]])
+        self.assertAllEqual(prompt_model.trim_right_padding(empty)["token_ids"].shape, [1, 1])
+
+    @parameterized.parameters("gpt2", "llama")
+    def test_loss_of_a_heavily_padded_batch_equals_the_unpadded_loss(self, kind):
+        # The loss cuts trailing padding; with and without 40 extra pad columns,
+        # and in a graph with unknown width, the value must be the same.
+        model = prompt_model.PromptTunedLM(tiny_backbone(kind))
+        prompt = tf.random.stateless_uniform([3, 16], seed=[7, 8], minval=-1, maxval=1)
+        ids = [[7, 8, 11, 3], [4, 6, 9, 0]]
+        pad = [[1, 1, 1, 1], [1, 1, 1, 0]]
+        target = [[0, 0, 1, 1], [0, 1, 1, 0]]
+        tight = model.loss(prompt, _batch(ids, pad, target))
+        padded = _batch(
+            np.pad(ids, [(0, 0), (0, 40)]),
+            np.pad(pad, [(0, 0), (0, 40)]),
+            np.pad(target, [(0, 0), (0, 40)]),
+        )
+        spec = {k: tf.TensorSpec([None, None], v.dtype) for k, v in padded.items()}
+        graph_loss = tf.function(model.loss, input_signature=[tf.TensorSpec([3, 16]), spec])
+        for value in (model.loss(prompt, padded), graph_loss(prompt, padded)):
+            self.assertAllClose(value[0], tight[0], rtol=1e-6)
+            self.assertEqual(float(value[1]), 4.0)
+        # The reference without any trimming: the static-shape (XLA) loss.
+        self.assertAllClose(model.static_shape_loss(prompt, padded)[0], tight[0], rtol=1e-5)
 
     def test_too_long_sequence_for_gpt2_positions_is_rejected(self):
         model = prompt_model.PromptTunedLM(tiny_backbone("gpt2"))
