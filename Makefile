@@ -66,7 +66,7 @@ sweep-default: install
 # XLA runtime for training (same prompts as TFF within 1e-5); at most 2 clients
 # at once in TFF (4 at once need about 14 GiB more).
 # FedAvg(Adam) first: the reference run of C1, C2 and C5.
-SNI_ALGORITHMS ?= fedavg_adam,fedavg_sgd,fedsgd,centralized
+SNI_ALGORITHMS ?= fedavg_adam,fedavg_sgd,fedsgd,centralized,local
 sweep-sni: install
 	$(BIN)/python run_sweep.py --output_dir=runs/sweep-sni \
 	  --algorithms=$(SNI_ALGORITHMS) --partitions=natural,dirichlet:1 --example_category=Translation \
