@@ -13,7 +13,8 @@ interrupted ones resume from their checkpoints. Then `<output_dir>/sweep_report.
       --set=fedavg_adam:client_learning_rate=0.01
   python run_sweep.py --output_dir=runs/sweep --report_only
 
-`--base_flags` go to every cell; `--set=[algorithm:]key=value` (repeatable) to
+`--base_flags` go to every cell, `--training_flags` to every cell but the
+`local` baseline's (which trains nothing); `--set=[algorithm:]key=value` (repeatable) to
 every cell or only to one algorithm's cells (run_experiment rejects flags an
 algorithm does not use, e.g. `--clients_per_round` for centralized). All cells'
 flags are checked by run_experiment's own parser before anything runs.
@@ -42,6 +43,12 @@ _PARTITIONS = flags.DEFINE_string(
 )
 _BASE_FLAGS = flags.DEFINE_string(
     "base_flags", "", "run_experiment.py flags for every cell, as one shell-quoted string."
+)
+_TRAINING_FLAGS = flags.DEFINE_string(
+    "training_flags",
+    "",
+    "run_experiment.py flags for every cell that trains (all but local: e.g. --rounds, "
+    "--runtime, which --algorithm=local rejects), as one shell-quoted string.",
 )
 _SET = flags.DEFINE_multi_string(
     "set", [], "[algorithm:]key=value: a run_experiment flag for every cell or one algorithm's."
@@ -83,6 +90,7 @@ def _grid():
         levels=levels,
         base_flags=sweep.parse_base_flags(_BASE_FLAGS.value) + common,
         algorithm_flags=scoped,
+        training_flags=sweep.parse_base_flags(_TRAINING_FLAGS.value, "training_flags"),
     )
 
 

@@ -175,13 +175,13 @@ def _check_pass_through(argument: str, source: str) -> str:
     return argument
 
 
-def parse_base_flags(text: str) -> List[str]:
-    """A shell-quoted string of run_experiment flags applied to every cell."""
+def parse_base_flags(text: str, name: str = "base_flags") -> List[str]:
+    """A shell-quoted string of run_experiment flags (`--base_flags`, `--training_flags`)."""
     try:
         arguments = shlex.split(text or "")
     except ValueError as e:
-        raise SweepError(f"--base_flags: cannot be split like a shell line ({e}).") from None
-    return [_check_pass_through(a, "--base_flags") for a in arguments]
+        raise SweepError(f"--{name}: cannot be split like a shell line ({e}).") from None
+    return [_check_pass_through(a, f"--{name}") for a in arguments]
 
 
 def parse_sets(
@@ -219,6 +219,7 @@ def build_grid(
     levels: Sequence[Level],
     base_flags: Sequence[str] = (),
     algorithm_flags: Optional[Mapping[str, Sequence[str]]] = None,
+    training_flags: Sequence[str] = (),
 ) -> List[Cell]:
     """The cells, level by level; later flags override earlier ones (absl semantics).
 
@@ -227,6 +228,9 @@ def build_grid(
       levels: heterogeneity levels.
       base_flags: run_experiment flags for every cell (after the algorithm's).
       algorithm_flags: {algorithm: flags} for that algorithm's cells (last).
+      training_flags: flags for the cells that train a prompt, i.e. all but
+        `local` (after `base_flags`): `--rounds`, `--runtime`, ... which
+        run_experiment rejects for `--algorithm=local`.
 
     Returns:
       One `Cell` per (level, algorithm), named `<algorithm>__<level>`.
@@ -241,6 +245,7 @@ def build_grid(
                 *ALGORITHM_FLAGS[algorithm],
                 *level.flags,
                 *base_flags,
+                *(training_flags if algorithm != claims.LOCAL else ()),
                 *algorithm_flags.get(algorithm, ()),
             )
             cells.append(Cell(f"{algorithm}__{level.file_name}", algorithm, level, argv))
@@ -294,8 +299,10 @@ def cell_is_complete(cell: Cell, cell_dir: PathLike) -> bool:
     """Whether `cell_dir` holds finished results of exactly this cell's flags.
 
     The sweep writes `sweep_cell.json` (the cell's flags) after a run succeeds;
-    without it (results made by hand) the flags recorded in `config.json` must
-    equal every flag of the cell.
+    its flags must mean the same as the cell's (the same value for every flag,
+    the last occurrence winning as in absl; the order they are given in does not
+    matter). Without it (results made by hand) the flags recorded in
+    `config.json` must equal every flag of the cell.
     """
     cell_dir = pathlib.Path(cell_dir)
     if not all((cell_dir / name).is_file() for name in COMPLETE_FILES):
@@ -303,8 +310,9 @@ def cell_is_complete(cell: Cell, cell_dir: PathLike) -> bool:
     marker = cell_dir / CELL_MARKER
     if marker.is_file():
         try:
-            return json.loads(marker.read_text()).get("argv") == list(cell.argv)
-        except (ValueError, AttributeError):
+            recorded_argv = json.loads(marker.read_text()).get("argv")
+            return _given_flags(recorded_argv) == _given_flags(cell.argv)
+        except (ValueError, AttributeError, TypeError):
             return False
     try:
         recorded = json.loads((cell_dir / report.CONFIG_JSON).read_text()).get("flags", {})

@@ -125,6 +125,25 @@ def test_build_grid_names_and_flag_order():
     assert cells[1].argv[-1] == "--rounds=2" and cells[1].algorithm == "fedsgd"
 
 
+def test_training_flags_go_to_every_cell_but_the_local_baseline():
+    cells = sweep.build_grid(
+        algorithms=["fedavg_adam", "local"],
+        levels=sweep.parse_partitions("natural"),
+        base_flags=["--seed=9"],
+        training_flags=sweep.parse_base_flags("--rounds=6 --runtime=xla", "training_flags"),
+        algorithm_flags={"fedavg_adam": ["--client_learning_rate=0.01"]},
+    )
+    assert cells[0].argv[-4:] == (
+        "--seed=9",
+        "--rounds=6",
+        "--runtime=xla",
+        "--client_learning_rate=0.01",
+    )
+    assert cells[1].argv == ("--algorithm=local", "--partition=natural", "--seed=9")
+    with pytest.raises(sweep.SweepError, match="--training_flags: --output_dir"):
+        sweep.parse_base_flags("--output_dir=x", "training_flags")
+
+
 # --------------------------------------------------------------------------- running
 
 
@@ -193,6 +212,14 @@ def test_complete_cells_are_not_rerun(tmp_path):
     second = sweep.run_sweep(output_dir=tmp_path, cells=cells, runner=runner, progress=lines.append)
     assert second.skipped == [cells[0].name] and runner.calls == [cells[1].name]
     assert f"[{cells[0].name}] cell 1/2: complete, skipped" in lines
+
+    # The same flags in another order (e.g. moved from --base_flags to
+    # --training_flags) mean the same run: still complete.
+    reordered = sweep.dataclasses.replace(cells[0], argv=tuple(reversed(cells[0].argv)))
+    assert sweep.cell_is_complete(reordered, tmp_path / cells[0].name)
+    # An overridden flag given last wins, as in absl: a different run.
+    overridden = sweep.dataclasses.replace(cells[0], argv=cells[0].argv + ("--rounds=3",))
+    assert not sweep.cell_is_complete(overridden, tmp_path / cells[0].name)
 
     # Changed flags: the marker no longer matches, so the cell is not complete.
     changed = _cells()[0]
