@@ -215,7 +215,9 @@ class DatasetTest(tf.test.TestCase, parameterized.TestCase):
     def test_sort_by_length_is_a_stable_shortest_first_permutation(self):
         def rows(**kwargs):
             batches = list(self._ds(**kwargs).as_numpy_iterator())
-            return {k: np.concatenate([b[k] for b in batches]) for k in ("token_ids", "padding_mask")}
+            return {
+                k: np.concatenate([b[k] for b in batches]) for k in ("token_ids", "padding_mask")
+            }
 
         given, ordered = rows(), rows(sort_by_length=True)
         lengths = given["padding_mask"].sum(axis=1)
