@@ -424,11 +424,15 @@ def run_cell_subprocess(
                 log.flush()
                 progress(f"[{cell.name}] {line.rstrip()}")
 
-        # A reader thread, so a leftover child holding the pipe open cannot
-        # block the sweep once the run itself has exited.
-        reader = threading.Thread(target=forward, daemon=True)
-        reader.start()
+        # The `try` starts right after Popen: a SIGTERM (run_sweep raises
+        # SystemExit on it) that lands while the reader starts must still stop
+        # the group. It used to start after the reader, and a signal in between
+        # left the cell running (seen as a flaky test on a loaded machine).
         try:
+            # A reader thread, so a leftover child holding the pipe open cannot
+            # block the sweep once the run itself has exited.
+            reader = threading.Thread(target=forward, daemon=True)
+            reader.start()
             status = process.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
             progress(f"[{cell.name}] timed out after {timeout_s:g} s; stopping it")
@@ -691,6 +695,29 @@ def _plot_mitigations(levels, by_level, path):
     return report._save(figure, path)
 
 
+def _as_tuples(curves: Mapping[float, List[claims.Point]]) -> Dict[float, list]:
+    """{lr: [(epochs, local, global)]} of `claims.finetune_curves`."""
+    return {lr: [(p.epochs, p.local, p.global_) for p in c] for lr, c in curves.items()}
+
+
+def _plot_epoch_row(axes_row, curves, title, *, title_size):
+    """Local (left) and global (right) ROUGE-L vs epochs, one line per lr.
+
+    `curves`: {lr: [(epochs, local, global)]}; `title(name)` titles each panel.
+    """
+    for lr, curve in curves.items():
+        epochs = [float(e) for e, _, _ in curve]
+        label = f"lr {lr:.3g}"
+        axes_row[0].plot(epochs, [v[1] for v in curve], marker="o", ms=3, label=label)
+        axes_row[1].plot(epochs, [v[2] for v in curve], marker="o", ms=3, label=label)
+    all_epochs = sorted({float(e) for curve in curves.values() for e, _, _ in curve})
+    for ax, name in zip(axes_row, ("local", "global")):
+        ax.set_xscale("symlog", linthresh=1.0)
+        ax.set_xticks(all_epochs, [f"{e:g}" for e in all_epochs])
+        ax.minorticks_off()
+        _finish_axes(ax, title(name), "personalization epochs", title_size=title_size)
+
+
 def _plot_epochs(levels, by_level, path):
     figure, axes = _panels(2, 5.0, 3.5, rows=len(levels))
     plotted = 0
@@ -698,26 +725,16 @@ def _plot_epochs(levels, by_level, path):
         run = claims._reference(by_level[level])
         if run is None:
             continue
-        for lr, curve in claims.finetune_curves(run).items():
-            plotted += 1
-            epochs = [float(p.epochs) for p in curve]
-            label = f"lr {lr:.3g}"
-            axes[row, 0].plot(epochs, [p.local for p in curve], marker="o", ms=3, label=label)
-            axes[row, 1].plot(epochs, [p.global_ for p in curve], marker="o", ms=3, label=label)
-        all_epochs = sorted(
-            {p.epochs for curve in claims.finetune_curves(run).values() for p in curve}
+        curves = _as_tuples(claims.finetune_curves(run))
+        plotted += len(curves)
+        _plot_epoch_row(
+            axes[row],
+            curves,
+            lambda name, level=level, run=run: (
+                f"{level}: {name} ROUGE-L from {_display(run.algorithm)}"
+            ),
+            title_size=10,
         )
-        for column, name in enumerate(("local", "global")):
-            ax = axes[row, column]
-            ax.set_xscale("symlog", linthresh=1.0)
-            ax.set_xticks([float(e) for e in all_epochs], [str(e) for e in all_epochs])
-            ax.minorticks_off()
-            _finish_axes(
-                ax,
-                f"{level}: {name} ROUGE-L from {_display(run.algorithm)}",
-                "personalization epochs",
-                title_size=10,
-            )
     if not plotted:
         return None
     return report._save(figure, path)
@@ -778,16 +795,16 @@ class ClientCurves:
 
 
 def category_client_curves(
-    run_dir: PathLike, category: str, *, name: Optional[str] = None
+    run: claims.RunResult, run_dir: PathLike, category: str
 ) -> Optional[ClientCurves]:
-    """Plain fine-tuning curves of the test clients with home category `category`.
+    """Plain fine-tuning curves of `run`'s test clients with home category `category`.
 
-    Reads `partition.json` (which test client has which home category) and
-    `personalization.csv` (rows of the start named like the run's algorithm, else
-    the first start, as `claims`). None when no test client has that category.
+    `partition.json` tells which test client has which home category; their rows
+    of `personalization.csv` are summarized as `claims` summarizes a run (the start
+    named like the run's algorithm, finite scores). None when no test client has
+    that category.
     """
     run_dir = pathlib.Path(run_dir)
-    run = claims.load_run(run_dir, name=name)
     partition = json.loads((run_dir / report.PARTITION_JSON).read_text())
     client_ids = tuple(
         c["client_id"]
@@ -796,62 +813,37 @@ def category_client_curves(
     )
     if not client_ids:
         return None
-    rows = report.read_csv(run_dir / report.PERSONALIZATION_CSV)
-    starts = sorted({r["start"] for r in rows})
-    start = run.config.get("algorithm")
-    start = start if start in starts else (starts[0] if starts else None)
-    scores: Dict[float, Dict[Any, List[Tuple[float, float]]]] = {}
-    for row in rows:
-        if (
-            row["start"] == start
-            and row["client_split"] == report.TEST_SPLIT
-            and row["client_id"] in client_ids
-            and row["method"] == report.FINETUNE
-        ):
-            by_epochs = scores.setdefault(float(row["learning_rate"]), {})
-            by_epochs.setdefault(row["epochs"], []).append(
-                (row["local_rougeL"], row["global_rougeL"])
-            )
-    curves = {
-        lr: [
-            (epochs, float(np.mean([v[0] for v in values])), float(np.mean([v[1] for v in values])))
-            for epochs, values in sorted(by_epochs.items(), key=lambda item: float(item[0]))
-        ]
-        for lr, by_epochs in sorted(scores.items())
-    }
+    rows = [
+        r
+        for r in report.read_csv(run_dir / report.PERSONALIZATION_CSV)
+        if r["client_split"] != report.TEST_SPLIT or r["client_id"] in client_ids
+    ]
+    clients_run = dataclasses.replace(run, summary=report.summarize_personalization(rows))
+    curves = _as_tuples(claims.finetune_curves(clients_run))
     return ClientCurves(run.name, run.algorithm, run.level, client_ids, curves)
 
 
 def _plot_example_clients(examples: Sequence[ClientCurves], category: str, path):
     """Local and global ROUGE-L vs epochs per lr: one row per level, its reference run."""
-    rank = {a: i for i, a in enumerate(claims.REFERENCE_ALGORITHMS)}
-    per_level: Dict[str, ClientCurves] = {}
+    by_level: Dict[str, Dict[str, ClientCurves]] = {}
     for example in examples:
-        kept = per_level.get(example.level)
-        if kept is None or rank.get(example.algorithm, 99) < rank.get(kept.algorithm, 99):
-            per_level[example.level] = example
-    examples = list(per_level.values())
+        by_level.setdefault(example.level, {}).setdefault(example.algorithm, example)
+    examples = [
+        claims._reference(group) or next(iter(group.values())) for group in by_level.values()
+    ]
     if not examples:
         return None
     figure, axes = _panels(2, 5.0, 3.5, rows=len(examples))
     for row, example in enumerate(examples):
-        epochs_seen = sorted({float(e) for c in example.curves.values() for e, _, _ in c})
-        for lr, curve in example.curves.items():
-            epochs = [float(e) for e, _, _ in curve]
-            label = f"lr {lr:.3g}"
-            axes[row, 0].plot(epochs, [v[1] for v in curve], marker="o", ms=3, label=label)
-            axes[row, 1].plot(epochs, [v[2] for v in curve], marker="o", ms=3, label=label)
-        for column, name in enumerate(("local", "global")):
-            ax = axes[row, column]
-            ax.set_xscale("symlog", linthresh=1.0)
-            ax.set_xticks(epochs_seen, [f"{e:g}" for e in epochs_seen])
-            ax.minorticks_off()
-            _finish_axes(
-                ax,
-                f"{example.level}: {category} client, {name} ROUGE-L ({_display(example.algorithm)})",
-                "personalization epochs",
-                title_size=9,
-            )
+        _plot_epoch_row(
+            axes[row],
+            example.curves,
+            lambda name, example=example: (
+                f"{example.level}: {category} client, {name} ROUGE-L "
+                f"({_display(example.algorithm)})"
+            ),
+            title_size=9,
+        )
     return report._save(figure, path)
 
 
@@ -1122,7 +1114,7 @@ def write_sweep_report(
         examples = [
             e
             for e in (
-                category_client_curves(by_name[run.name], example_category, name=run.name)
+                category_client_curves(run, by_name[run.name], example_category)
                 for run in _sorted_runs(runs)
             )
             if e is not None

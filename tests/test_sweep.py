@@ -435,13 +435,14 @@ def _two_client_run(run_dir):
 
 def test_category_client_curves_are_that_clients_finetuning_curves(tmp_path):
     run_dir = _two_client_run(tmp_path / "fedavg_adam__natural")
-    example = sweep.category_client_curves(run_dir, "Translation")
+    run = claims.load_run(run_dir)
+    example = sweep.category_client_curves(run, run_dir, "Translation")
     assert example.client_ids == ("t1",) and example.algorithm == claims.FEDAVG_ADAM
     assert example.curves == {
         lr: [(float(e), pytest.approx(lo), pytest.approx(gl)) for e, lo, gl in curve]
         for lr, curve in GOOD_FINETUNE.items()
     }
-    assert sweep.category_client_curves(run_dir, "Sentiment Analysis") is None
+    assert sweep.category_client_curves(run, run_dir, "Sentiment Analysis") is None
 
 
 def test_report_has_the_example_client_section_and_plot(tmp_path):
