@@ -328,6 +328,19 @@ def test_c6_fail_when_forgetting_shrinks():
     assert record["numbers"]["forgetting_increase"] == pytest.approx(-0.10)
 
 
+def test_c6_fail_when_no_level_forgets():
+    # The global score rises at both levels (negative forgetting), less so at the
+    # most heterogeneous one: -0.02 > -0.10, but there is no trade-off to widen.
+    runs = [
+        make_run(ADAM, "natural", finetune=_scaled(-0.02), heterogeneity=0.8),
+        make_run(ADAM, "dirichlet:1", finetune=_scaled(-0.10), heterogeneity=0.2),
+    ]
+    record = claims.claim_c6(runs)
+    assert record["verdict"] == claims.FAIL
+    assert record["numbers"]["forgetting_increase"] == pytest.approx(0.08)
+    assert "no forgetting at the most heterogeneous level (natural)" in record["numbers"]["reason"]
+
+
 def test_c6_inconclusive_with_one_level():
     assert claims.claim_c6([make_run(ADAM), make_run(SGD)])["verdict"] == claims.INCONCLUSIVE
 
