@@ -3,9 +3,11 @@
 import json
 
 import keras_nlp
+import numpy as np
 import pytest
+import tensorflow as tf
 
-from bench import bench_generate, bench_train_step
+from bench import bench_generate, bench_train_step, plain_round
 from fedprompt import prompt_model
 
 
@@ -48,3 +50,19 @@ def test_generate_schema(model):
     json.dumps(result)
     assert result["generated_tokens"] == 6
     assert result["generated_tokens_per_s"] > 0
+
+
+def test_parallel_plain_round_equals_the_sequential_one(model):
+    # The overhead baseline with per-client state must compute the same round.
+    datasets = plain_round.client_datasets(
+        model.vocabulary_size, clients=3, steps=2, batch=2, seq=8
+    )
+    shape = (4, model.hidden_dim)
+    initial = tf.random.stateless_uniform(shape, [2, 3], -0.5, 0.5)
+    sequential = plain_round.build_plain_round(model.loss, datasets, shape, learning_rate=0.5)
+    parallel = plain_round.build_plain_round(
+        model.loss, datasets, shape, learning_rate=0.5, parallel=True
+    )
+    a, b = sequential(initial).numpy(), parallel(initial).numpy()
+    np.testing.assert_allclose(a, b, atol=1e-6)
+    assert np.abs(a - initial.numpy()).max() > 1e-4  # the round moved the prompt
