@@ -22,7 +22,6 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-import collections  # noqa: E402
 import json  # noqa: E402
 import statistics  # noqa: E402
 import tempfile  # noqa: E402
@@ -33,6 +32,7 @@ import tensorflow as tf  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 from bench import bench_train_step as common  # noqa: E402
+from bench.plain_round import client_datasets  # noqa: E402
 from fedprompt import (  # noqa: E402
     backbones,
     data_types,
@@ -41,24 +41,6 @@ from fedprompt import (  # noqa: E402
     frozen_backbone,
     prompt_model,
 )
-
-
-def client_datasets(vocab, *, clients, steps, batch, seq):
-    datasets = []
-    for c in range(clients):
-        rows = [common.synthetic_batch(vocab, batch, seq, seed=100 * c + s) for s in range(steps)]
-        stacked = {k: np.concatenate([r[k].numpy() for r in rows]) for k in rows[0]}
-        stacked["padding_mask"] = stacked["padding_mask"].astype(bool)
-        stacked["target_mask"] = stacked["target_mask"].astype(bool)
-        ds = tf.data.Dataset.from_tensor_slices(stacked).batch(batch)
-        datasets.append(
-            ds.map(
-                lambda b: collections.OrderedDict(
-                    (k, b[k]) for k in ("token_ids", "padding_mask", "target_mask")
-                )
-            )
-        )
-    return datasets
 
 
 def _rounds(process, datasets, repeats):
