@@ -304,6 +304,11 @@ def _main_then_release_tff(argv):
         # TFF installs a default context at import; drop it (and any worker
         # process) while the interpreter is still whole (DESIGN.md trap 1).
         execution.reset_context()
+        status = execution.exit_status_after_sigterm()
+        if status is not None:
+            # Whatever the signal's SystemExit turned into on the way out.
+            print(f"stopped by SIGTERM (exit status {status})", file=sys.stderr)
+            raise SystemExit(status)
 
 
 if __name__ == "__main__":

@@ -577,20 +577,57 @@ def local_workers(num_workers: int, **kwargs) -> Iterator[tuple[str, ...]]:
         stop_local_workers(workers)
 
 
-def install_sigterm_handler() -> None:
+# The signal that `install_sigterm_handler`'s handler received, if any.
+_received_signal: Optional[int] = None
+
+# Seconds a terminated program may take to unwind before it is exited outright.
+DEFAULT_SIGTERM_GRACE_S = 30.0
+
+
+def install_sigterm_handler(*, grace_s: float = DEFAULT_SIGTERM_GRACE_S) -> None:
     """Makes SIGTERM stop this process's workers, then exit through `finally` blocks.
 
     atexit does not run when SIGTERM's default action kills a process, so a
     terminated driver would leave its worker_binary children running (trap 1).
-    Call it from a program's entry point in the main thread, not at import.
+    Call it from a program's entry point in the main thread, not at import, and
+    end the program with `exit_status_after_sigterm` (see there).
+
+    The handler raises `SystemExit(128 + signum)` wherever the main thread is,
+    which is not always survivable: inside TF's tracing it can break a context
+    manager's invariant and surface as `AssertionError: Concurrent access?`
+    instead (seen in a driver stopped while it traced), and inside a `__del__`
+    Python prints it and drops it. So the handler also records the signal for
+    `exit_status_after_sigterm`, and after `grace_s` seconds a daemon thread
+    exits the process with `128 + signum` in case the program went on.
     """
 
     def handle(signum, frame):
         del frame
+        global _received_signal
+        if _received_signal is None:
+            _received_signal = signum
+            threading.Thread(target=_exit_after, args=(grace_s, 128 + signum), daemon=True).start()
         stop_worker_processes(timeout=2.0)
         raise SystemExit(128 + signum)
 
     signal.signal(signal.SIGTERM, handle)
+
+
+def _exit_after(seconds: float, status: int) -> None:
+    time.sleep(seconds)
+    logger.error("still running %g s after SIGTERM; exiting with status %d", seconds, status)
+    os._exit(status)
+
+
+def exit_status_after_sigterm() -> Optional[int]:
+    """`128 + signum` if `install_sigterm_handler`'s handler ran, else None.
+
+    A program's entry point checks it last, in a `finally`, and raises
+    `SystemExit` with it: whatever exception the signal turned into (or none, if
+    it was dropped), a terminated program then exits with the status a shell
+    expects from SIGTERM (143).
+    """
+    return None if _received_signal is None else 128 + _received_signal
 
 
 # Safety net for programs that exit without leaving the context manager. Resetting

@@ -203,6 +203,7 @@ def test_killed_worker_is_named_and_the_rerun_resumes(small_preset, tmp_path):
 
 
 def test_sigterm_stops_the_drivers_local_workers(small_preset, tmp_path):
+    stderr = open(tmp_path / "stderr.txt", "w")  # noqa: SIM115 (closed below)
     driver = subprocess.Popen(
         _command(
             [
@@ -217,7 +218,7 @@ def test_sigterm_stops_the_drivers_local_workers(small_preset, tmp_path):
         cwd=tmp_path,
         env=_env(),
         stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
+        stderr=stderr,
         text=True,
     )
     try:
@@ -230,10 +231,13 @@ def test_sigterm_stops_the_drivers_local_workers(small_preset, tmp_path):
         ports = _worker_ports(seen)
         assert len(_workers_on(ports)) == 2
         driver.send_signal(signal.SIGTERM)
-        assert driver.wait(timeout=60) == 128 + signal.SIGTERM
+        returncode = driver.wait(timeout=60)
+        stderr.close()
+        assert returncode == 128 + signal.SIGTERM, (tmp_path / "stderr.txt").read_text()[-3000:]
     finally:
         if driver.poll() is None:
             driver.kill()
+        stderr.close()
     deadline = time.monotonic() + 10
     while _workers_on(ports) and time.monotonic() < deadline:
         time.sleep(0.2)
