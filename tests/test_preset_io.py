@@ -94,6 +94,10 @@ class PresetRoundTripTest(tf.test.TestCase, parameterized.TestCase):
         self.assertAllEqual(loaded(_inputs(), training=False).numpy(), expected)
         for w, w_loaded in zip(backbone.weights, loaded.weights):
             self.assertAllEqual(w.numpy(), w_loaded.numpy())
+        # ... because every variable started from its recorded dataset, checked at write time.
+        paths = preset_io.read_metadata(directory)[preset_io.WEIGHT_PATHS_KEY]
+        self.assertLen(paths, len(backbone.weights))
+        self.assertEqual(paths[0], "layers/reversible_embedding/vars/0")
 
         text = "the cat 123. ab<|endoftext|>"
         self.assertEqual(loaded_tokenizer.encode(text), tokenizer.encode(text))
@@ -108,6 +112,25 @@ class PresetRoundTripTest(tf.test.TestCase, parameterized.TestCase):
         top = json.loads((directory / "metadata.json").read_text())
         self.assertEqual(top["parameter_count"], backbone.count_params())
         self.assertIn("keras_version", top)
+
+    def test_a_record_that_does_not_fit_falls_back_to_load_weights(self):
+        tf.keras.utils.set_random_seed(3)
+        backbone = _llama()
+        directory = pathlib.Path(self.get_temp_dir()) / "preset"
+        preset_io.write_preset(
+            directory, backbone=backbone, tokenizer=_text_tokenizer(), metadata={}
+        )
+        metadata_file = directory / "metadata.json"
+        for broken in (lambda paths: paths[:-1], lambda paths: paths[1:] + paths[:1]):
+            top = json.loads(metadata_file.read_text())
+            record = top["fedprompt"][preset_io.WEIGHT_PATHS_KEY]
+            top["fedprompt"][preset_io.WEIGHT_PATHS_KEY] = broken(record)
+            metadata_file.write_text(json.dumps(top))
+            loaded = preset_io.load_backbone(directory)
+            for w, w_loaded in zip(backbone.weights, loaded.weights):
+                self.assertAllEqual(w.numpy(), w_loaded.numpy())
+            top["fedprompt"][preset_io.WEIGHT_PATHS_KEY] = record
+            metadata_file.write_text(json.dumps(top))
 
     def test_overwrite(self):
         directory = pathlib.Path(self.get_temp_dir()) / "p"
@@ -129,6 +152,49 @@ class PresetRoundTripTest(tf.test.TestCase, parameterized.TestCase):
                 directory, backbone=_gpt2(), tokenizer=_text_tokenizer(), metadata={"x": object()}
             )
         self.assertEqual(os.listdir(directory.parent), [])
+
+
+class FastConstructionTest(tf.test.TestCase, parameterized.TestCase):
+    @parameterized.named_parameters(("gpt2", _gpt2), ("llama", _llama))
+    def test_same_model_as_traced_construction(self, make_backbone):
+        tf.keras.utils.set_random_seed(2)
+        traced = make_backbone()
+        with preset_io.fast_construction():
+            fast = make_backbone()
+        # Variables: same names, shapes and creation order (the frozen-backbone
+        # checkpoint relies on the order), all zero until assigned.
+        self.assertEqual(
+            [(v.name, v.shape.as_list()) for v in traced.weights],
+            [(v.name, v.shape.as_list()) for v in fast.weights],
+        )
+        self.assertTrue(all(not np.any(v.numpy()) for v in fast.weights))
+        # Same symbolic outputs and connectivity.
+        self.assertEqual(traced.output.shape.as_list(), fast.output.shape.as_list())
+        self.assertEqual(traced.output.dtype, fast.output.dtype)
+        self.assertEqual([x.name for x in traced.layers], [x.name for x in fast.layers])
+        # Equal configs but for the model's own name, which Keras makes unique.
+        self.assertEqual({**traced.get_config(), "name": None}, {**fast.get_config(), "name": None})
+        # Same outputs once the weights are the same.
+        fast.set_weights(traced.get_weights())
+        self.assertAllEqual(traced(_inputs()), fast(_inputs()))
+
+    def test_blocks_are_not_traced_and_the_method_is_restored(self):
+        original = tf.keras.layers.Layer._infer_output_signature
+        traced_layers = []
+
+        def spy(layer, *args):
+            traced_layers.append(type(layer).__name__)
+            return original(layer, *args)
+
+        tf.keras.layers.Layer._infer_output_signature = spy
+        try:
+            with preset_io.fast_construction():
+                _llama()
+        finally:
+            tf.keras.layers.Layer._infer_output_signature = original
+        self.assertNotIn("LlamaTransformerDecoder", traced_layers)
+        self.assertIn("ReversibleEmbedding", traced_layers)  # Other layers still traced.
+        self.assertIs(tf.keras.layers.Layer._infer_output_signature, original)
 
 
 class ValidatePresetDirTest(tf.test.TestCase, parameterized.TestCase):

@@ -32,7 +32,12 @@ from typing import Any, Mapping, Union
 import h5py
 import keras
 import keras_nlp
+import numpy as np
 import tensorflow as tf
+from keras.src.engine import keras_tensor
+from keras.src.saving import saving_lib
+from keras.src.utils import generic_utils
+from keras_nlp.src.models.llama import llama_decoder
 from tensorflow.python.autograph.core import ag_ctx
 
 from fedprompt import tokenizers as tokenizers_lib
@@ -41,6 +46,9 @@ CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.weights.h5"
 TOKENIZER_CONFIG_FILE = "tokenizer.json"
 METADATA_FILE = "metadata.json"
+# metadata.json["fedprompt"] key: the `WEIGHTS_FILE` dataset of each variable, in
+# the order `load_backbone` creates them (see `weight_paths_in_creation_order`).
+WEIGHT_PATHS_KEY = "weight_paths_in_creation_order"
 TOKENIZER_ASSET_DIR = os.path.join("assets", "tokenizer")
 
 PathLike = Union[str, os.PathLike]
@@ -139,6 +147,9 @@ def write_preset(
     try:
         _write_json(str(tmp / CONFIG_FILE), _serialize(backbone))
         backbone.save_weights(str(tmp / WEIGHTS_FILE))
+        weight_paths = weight_paths_in_creation_order(backbone, tmp / WEIGHTS_FILE)
+        if weight_paths is not None:
+            fedprompt_metadata[WEIGHT_PATHS_KEY] = weight_paths
         _write_json(str(tmp / TOKENIZER_CONFIG_FILE), _serialize(keras_tokenizer))
         asset_dir = tmp / TOKENIZER_ASSET_DIR
         asset_dir.mkdir(parents=True)
@@ -269,35 +280,209 @@ def _zero_initial_value(next_creator, **kwargs):
     return next_creator(**kwargs)
 
 
+# Transformer blocks whose output, when a backbone's constructor calls them (no
+# cache arguments), is a tensor of the input's shape and the layer's compute
+# dtype, and whose `build` creates every variable. Not GPT-2's
+# `keras_nlp.layers.TransformerDecoder`: its attention builds the key/value
+# projections on the first call.
+_SHAPE_PRESERVING_BLOCKS = (llama_decoder.LlamaTransformerDecoder,)
+_BLOCK_CACHE_ARGUMENTS = ("self_attention_cache", "cross_attention_cache")
+
+
+def _build_without_tracing(original):
+    """`Layer._infer_output_signature` that builds shape-preserving blocks untraced.
+
+    Constructing a functional model calls every layer on symbolic inputs, which
+    traces the layer's whole `call` into a scratch graph only to learn the output
+    shape (about 400 ops per Llama block). For the transformer blocks of
+    `_SHAPE_PRESERVING_BLOCKS` the shape is the input's, so this builds the layer
+    (its variables, under the same name scope as Keras uses) and returns that
+    spec; every other layer, and any block call with a cache argument, is traced
+    as usual. The layers, their connectivity and their variables (names, order)
+    are those of the traced construction (tests/test_preset_io.py).
+    """
+
+    def infer_output_signature(self, inputs, args, kwargs, input_masks):
+        if (
+            not isinstance(self, _SHAPE_PRESERVING_BLOCKS)
+            or args
+            or any(kwargs.get(name) is not None for name in _BLOCK_CACHE_ARGUMENTS)
+            or not isinstance(inputs, keras_tensor.KerasTensor)
+        ):
+            return original(self, inputs, args, kwargs, input_masks)
+        scratch_graph = tf.__internal__.FuncGraph(f"{self.name}_build_graph")
+        with scratch_graph.as_default(), keras.backend.name_scope(self._name_scope()):
+            placeholder = keras_tensor.keras_tensor_to_placeholder(inputs)
+            self._maybe_build(placeholder)
+        return keras_tensor.KerasTensor(tf.TensorSpec(inputs.shape, self.compute_dtype))
+
+    return infer_output_signature
+
+
 @contextlib.contextmanager
 def fast_construction():
-    """Builds Keras models about 4x faster, for weights that are overwritten anyway.
+    """Builds keras-nlp backbones about 15x faster, for weights that are overwritten anyway.
 
-    Keras 2 autograph-converts every layer `call` while constructing a functional
-    model (about 15 s of an 18 s `LlamaBackbone` build for SmolLM2 on 2 cores);
-    keras-nlp layers are written for backends without autograph, so construction
-    works without it (later `tf.function` tracing still converts). Variables start
-    at zero instead of running the random initialisers (135M values). Use only
-    when every weight is loaded or assigned afterwards.
+    Three costs of constructing a Keras 2 functional model go: autograph
+    converting every layer `call` (keras-nlp layers are written for backends
+    without autograph, so construction works without it; later `tf.function`
+    tracing still converts), tracing each transformer block only to learn its
+    output shape (`_build_without_tracing`), and the random initialisers
+    (variables start at zero). Use only when every weight is loaded or assigned
+    afterwards. Not thread-safe: it swaps a `tf.keras.layers.Layer` method for
+    the duration of the block.
     """
-    with (
-        ag_ctx.ControlStatusCtx(status=ag_ctx.Status.DISABLED),
-        tf.variable_creator_scope(_zero_initial_value),
-    ):
-        yield
+    original = keras.layers.Layer._infer_output_signature
+    keras.layers.Layer._infer_output_signature = _build_without_tracing(original)
+    try:
+        with (
+            ag_ctx.ControlStatusCtx(status=ag_ctx.Status.DISABLED),
+            tf.variable_creator_scope(_zero_initial_value),
+        ):
+            yield
+    finally:
+        keras.layers.Layer._infer_output_signature = original
+
+
+def _h5_weight_paths(model: tf.keras.Model) -> dict[int, str]:
+    """`id(variable)` -> its dataset in a Keras 2 `.weights.h5` file of `model`.
+
+    Mirrors `keras.src.saving.saving_lib._save_state`: the same walk over
+    trackables and containers, and `Layer.save_own_variables`' numbering of a
+    layer's own trainable then non-trainable weights. A layer that numbers its
+    weights otherwise is caught by the value check of the caller.
+    """
+    paths: dict[int, str] = {}
+    visited: set[int] = set()
+
+    def visit(trackable, inner_path):
+        if id(trackable) in visited:
+            return
+        if isinstance(trackable, tf.keras.layers.Layer):
+            own = trackable._trainable_weights + trackable._non_trainable_weights
+            for i, variable in enumerate(own):
+                paths.setdefault(id(variable), "/".join(filter(None, [inner_path, "vars", str(i)])))
+        visited.add(id(trackable))
+        for attr, child in saving_lib._walk_trackable(trackable):
+            if saving_lib._is_keras_trackable(child):
+                visit(child, tf.io.gfile.join(inner_path, attr))
+            elif isinstance(child, (list, dict, tuple, set)):
+                visit_container(child, tf.io.gfile.join(inner_path, attr))
+
+    def visit_container(container, inner_path):
+        used_names: dict[str, int] = {}
+        for trackable in list(container.values()) if isinstance(container, dict) else container:
+            if not saving_lib._is_keras_trackable(trackable) or id(trackable) in visited:
+                continue
+            name = generic_utils.to_snake_case(trackable.__class__.__name__)
+            if name in used_names:
+                used_names[name] += 1
+                name = f"{name}_{used_names[name]}"
+            else:
+                used_names[name] = 0
+            visit(trackable, tf.io.gfile.join(inner_path, name))
+
+    visit(model, "")
+    return paths
+
+
+def _construct_from_config(config: Mapping[str, Any]) -> tf.keras.Model:
+    return tf.keras.saving.deserialize_keras_object(dict(config))
+
+
+def weight_paths_in_creation_order(
+    backbone: tf.keras.Model, weights_file: PathLike
+) -> list[str] | None:
+    """The `weights_file` dataset of each variable, in the order a rebuild creates them.
+
+    `load_backbone` then builds the backbone with every variable initialised
+    straight from its dataset: no zero-filled variables overwritten by
+    `load_weights`, and no walk over the model (2.7 s -> 1.6 s for SmolLM2).
+    The order is taken from an actual rebuild of `backbone`'s config under
+    `fast_construction`, the way `load_backbone` builds it, and each path is
+    checked against the file: `backbone`'s variable at that path must hold
+    exactly the stored values. Returns None (load_backbone then uses
+    `load_weights`) if any check fails.
+    """
+    created: list[tf.Variable] = []
+
+    def record(next_creator, **kwargs):
+        variable = next_creator(**kwargs)
+        if not _is_step_counter(kwargs):
+            created.append(variable)
+        return variable
+
+    with fast_construction(), tf.variable_creator_scope(record):
+        rebuilt = _construct_from_config(_serialize(backbone))
+    rebuilt_paths = _h5_weight_paths(rebuilt)
+    original_paths = _h5_weight_paths(backbone)
+    by_path = {path: v for v in backbone.weights if (path := original_paths.get(id(v)))}
+    paths = [rebuilt_paths.get(id(v)) for v in created]
+    if None in paths or len(set(paths)) != len(paths) or set(paths) != set(by_path):
+        return None
+    with h5py.File(weights_file, "r") as f:
+        for path in paths:
+            if path not in f or not np.array_equal(f[path][()], by_path[path].numpy()):
+                return None
+    return paths
+
+
+def _is_step_counter(kwargs) -> bool:
+    # Keras' train/test/predict counters: int64 scalars, not weights, never saved.
+    dtype = kwargs.get("dtype")
+    return dtype is not None and tf.as_dtype(dtype) == tf.int64
+
+
+class _CreationOrderMismatch(Exception):
+    pass
+
+
+def _build_with_stored_weights(
+    directory: pathlib.Path, config: Mapping[str, Any], paths: list[str]
+) -> tf.keras.Model:
+    """Builds the backbone with each variable's initial value read from the weights file."""
+    remaining = iter(paths)
+    with h5py.File(directory / WEIGHTS_FILE, "r") as f:
+
+        def initialise_from_file(next_creator, **kwargs):
+            if _is_step_counter(kwargs):
+                return next_creator(**kwargs)
+            path = next(remaining, None)
+            value = f[path][()] if path is not None and path in f else None
+            if value is None or list(value.shape) != list(tf.TensorShape(kwargs.get("shape"))):
+                raise _CreationOrderMismatch(path)
+            kwargs["initial_value"] = value
+            return next_creator(**kwargs)
+
+        with fast_construction(), tf.variable_creator_scope(initialise_from_file):
+            backbone = _construct_from_config(config)
+    if next(remaining, None) is not None:
+        raise _CreationOrderMismatch("fewer variables than stored")
+    return backbone
 
 
 def load_backbone(path: PathLike) -> tf.keras.Model:
     """The keras-nlp backbone of a local preset directory, weights loaded.
 
     Same result as `keras_nlp.models.Backbone.from_preset(path)`, built under
-    `fast_construction`. Raises `PresetError` naming `model.weights.h5` when the
-    weights do not load into the architecture of config.json.
+    `fast_construction`. Presets that fedprompt wrote record each variable's
+    dataset in creation order (`weight_paths_in_creation_order`), so their
+    variables start from the stored values; any other preset, or one whose
+    record does not fit its config, loads with `load_weights`. Raises
+    `PresetError` naming `model.weights.h5` when the weights do not load into
+    the architecture of config.json.
     """
     directory = validate_preset_dir(path, require_tokenizer=False)
+    config = _read_json(directory, CONFIG_FILE)
+    paths = read_metadata(directory).get(WEIGHT_PATHS_KEY)
     try:
+        if isinstance(paths, list) and paths:
+            try:
+                return _build_with_stored_weights(directory, config, paths)
+            except _CreationOrderMismatch:
+                pass  # The standard path below loads it or names what is wrong.
         with fast_construction():
-            backbone = tf.keras.saving.deserialize_keras_object(_read_json(directory, CONFIG_FILE))
+            backbone = _construct_from_config(config)
         backbone.load_weights(str(directory / WEIGHTS_FILE))
         return backbone
     except (ValueError, OSError, KeyError) as e:
