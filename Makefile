@@ -67,9 +67,13 @@ sweep-default: install
 # at once in TFF (4 at once need about 14 GiB more).
 # FedAvg(Adam) first: the reference run of C1, C2 and C5. `local` (the untrained
 # prompt, personalized) trains nothing, so the training flags skip it.
+# The sweep outlives a 2-core session, so its finished cells are committed: SNI_DIR
+# is in the repository (checkpoints, TensorBoard logs and plots are git-ignored),
+# and `make sweep-sni` goes on from the committed cells. SNI_DIR=runs/my-sni starts afresh.
 SNI_ALGORITHMS ?= fedavg_adam,fedavg_sgd,fedsgd,centralized,local
+SNI_DIR ?= docs/runs/sweep-sni
 sweep-sni: install
-	$(BIN)/python run_sweep.py --output_dir=runs/sweep-sni \
+	$(BIN)/python run_sweep.py --output_dir=$(SNI_DIR) \
 	  --algorithms=$(SNI_ALGORITHMS) --partitions=natural,dirichlet:1 --example_category=Translation \
 	  --base_flags="--backbone=smollm2-135m-instruct --data=../shared/data/sni-mini \
 	    --seed=9 --max_concurrent_clients=2 --num_clients=16 \

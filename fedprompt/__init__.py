@@ -12,6 +12,14 @@ import os
 # Quiet TF's C++ logging unless the user chose a level (DESIGN.md trap 5); this must
 # happen before TensorFlow is first imported, which the imports below do.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# oneDNN CPU kernels. TF 2.14 turns them on by default only on CPUs with
+# AVX-512-class features; elsewhere (e.g. AVX2 x86 like this project's 2-core AMD
+# EPYC) it runs Eigen kernels, which made a SmolLM2 prompt-tuning step 1.6x slower
+# and greedy decoding 1.3x slower (docs/PERFORMANCE.md). TF reads the switch at its
+# first op, not at import, and TFF's worker_binary inherits it from this process.
+# A value the user set (TF_ENABLE_ONEDNN_OPTS=0 for Eigen) wins. Results differ
+# from Eigen's in float32 summation order only.
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
 
 from fedprompt import execution  # noqa: F401 (registers the TFF clean-up at exit)
 from fedprompt.fed_avg import ClientWeighting, build_fed_avg, build_fed_avg_components

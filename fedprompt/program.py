@@ -873,6 +873,7 @@ def train(
 
 def _versions() -> dict:
     import keras_nlp
+    from tensorflow.python.util import _pywrap_util_port
 
     return {
         "python": platform.python_version(),
@@ -881,6 +882,9 @@ def _versions() -> dict:
         "keras_nlp": keras_nlp.__version__,
         "numpy": np.__version__,
         "platform": platform.platform(),
+        # Which CPU kernels ran (fedprompt/__init__.py): float32 results differ in
+        # summation order between oneDNN and Eigen.
+        "onednn_cpu_kernels": bool(_pywrap_util_port.IsMklEnabled()),
     }
 
 
