@@ -24,6 +24,21 @@ import tensorflow as tf
 Batch = collections.OrderedDict  # token_ids / padding_mask / target_mask, each [B, T]
 
 
+def iterate_batches(dataset: tf.data.Dataset):
+    """`iter(dataset)`: loop over this, not over the dataset, in a `tf.function`.
+
+    Inside a `tf.function`, autograph turns `for batch in dataset` into
+    `dataset.reduce`, whose body runs as a tf.data function, outside the graph
+    optimizations and intra-op threads of the enclosing function: 16 train steps
+    of the tiny backbone took 1.6 s that way against 0.4 s as 16 separate
+    `tf.function` calls (2-core CPU). Over an iterator, autograph emits a
+    `tf.while_loop` in the enclosing function instead (0.25-0.4 s). Eagerly, both
+    are a Python loop. Needs eager mode or a `tf.function` (TFF's builders wrap
+    their client work in one).
+    """
+    return iter(dataset)
+
+
 class PromptLoss(Protocol):
     """Loss of the frozen model with a soft prompt; differentiable in `prompt`.
 
@@ -256,8 +271,8 @@ def client_update(
     optimizer per client when calling this eagerly; inside a TFF computation all
     variables are re-initialized on every call anyway.
 
-    Wrap the call in a `tf.function` for speed: the loop is a plain Python
-    `for batch in dataset`, which autograph turns into a graph loop.
+    Wrap the call in a `tf.function` for speed: autograph turns the loop into a
+    `tf.while_loop` over the dataset's iterator (`iterate_batches`).
 
     Args:
       loss_fn: a `PromptLoss`.
@@ -295,7 +310,7 @@ def client_update(
     num_tokens = tf.constant(0.0, tf.float32)
     loss_total = tf.constant(0.0, tf.float32)
     grad_norm_total = tf.constant(0.0, tf.float32)
-    for batch in data:
+    for batch in iterate_batches(data):
         batch_loss_sum, batch_tokens, norm = client_train_step(
             loss_fn=loss_fn,
             prompt_variable=prompt_variable,
@@ -379,7 +394,7 @@ def fedsgd_client_gradient(
     loss_sum = tf.constant(0.0, tf.float32)
     num_tokens = tf.constant(0.0, tf.float32)
     num_examples = tf.constant(0, tf.int64)
-    for batch in dataset:
+    for batch in iterate_batches(dataset):
         batch_gradient, batch_loss_sum, batch_tokens = fedsgd_batch_gradient(
             loss_fn=loss_fn, prompt=prompt, batch=batch
         )

@@ -13,7 +13,7 @@ from typing import Optional, Sequence
 import numpy as np
 import tensorflow as tf
 
-from fedprompt import metrics
+from fedprompt import client_update, metrics
 from fedprompt.data_types import TextTokenizer
 from fedprompt.prompt_model import PromptTunedLM
 
@@ -67,13 +67,23 @@ def left_pad(rows: Sequence[Sequence[int]], *, pad_token_id: int, width: Optiona
 
 
 def dataset_loss(model: PromptTunedLM, prompt: tf.Tensor, dataset: tf.data.Dataset):
-    """`(loss_sum, num_tokens)` of `prompt` over a dataset of batches."""
+    """`(loss_sum, num_tokens)` of `prompt` over a dataset of batches.
 
-    def step(acc, batch):
-        loss_sum, count = model.loss(prompt, batch)
-        return acc[0] + loss_sum, acc[1] + count
+    A `tf.while_loop` over the dataset's iterator, not `dataset.reduce`
+    (`client_update.iterate_batches` says why); eager mode or a `tf.function`.
+    """
+    iterator = client_update.iterate_batches(dataset)
 
-    return dataset.reduce((tf.constant(0.0), tf.constant(0.0)), step)
+    def body(loss_sum, count, next_batch):
+        batch_loss, batch_count = model.loss(prompt, next_batch.get_value())
+        return loss_sum + batch_loss, count + batch_count, iterator.get_next_as_optional()
+
+    loss_sum, count, _ = tf.while_loop(
+        lambda loss_sum, count, next_batch: next_batch.has_value(),
+        body,
+        (tf.constant(0.0), tf.constant(0.0), iterator.get_next_as_optional()),
+    )
+    return loss_sum, count
 
 
 def generate_in_length_order(

@@ -382,15 +382,22 @@ def build_personalization_evaluation(
     @tff.tensorflow.computation(prompts_type, data_type)
     def client_evaluate(prompts, data):
         model = model_fn()
-        return evaluate_prompts(
-            model=model,
-            prompts=prompts,
-            data=data,
-            max_new_tokens=max_new_tokens,
-            stop_token_ids=stop_token_ids,
-            pad_token_id=pad_token_id,
-            generation_batch_size=generation_batch_size,
-        )
+
+        # A tf.function, not the computation's TF1 graph: the test-set losses loop
+        # over dataset iterators (`evaluation.dataset_loss`), which need one.
+        @tf.function
+        def run(prompts, data):
+            return evaluate_prompts(
+                model=model,
+                prompts=prompts,
+                data=data,
+                max_new_tokens=max_new_tokens,
+                stop_token_ids=stop_token_ids,
+                pad_token_id=pad_token_id,
+                generation_batch_size=generation_batch_size,
+            )
+
+        return run(prompts, data)
 
     @tff.federated_computation(
         tff.FederatedType(prompts_type, tff.CLIENTS), tff.FederatedType(data_type, tff.CLIENTS)
