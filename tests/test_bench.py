@@ -66,3 +66,32 @@ def test_parallel_plain_round_equals_the_sequential_one(model):
     a, b = sequential(initial).numpy(), parallel(initial).numpy()
     np.testing.assert_allclose(a, b, atol=1e-6)
     assert np.abs(a - initial.numpy()).max() > 1e-5  # the round moved the prompt (7e-5 seen)
+
+
+def test_profile_sums_op_events_by_type_and_part(tmp_path):
+    from tensorflow.core.profiler.protobuf import xplane_pb2
+
+    from bench import profile_train_step
+
+    space = xplane_pb2.XSpace()
+    host = space.planes.add(name="/host:CPU")
+    other = space.planes.add(name="/device:TPU:0")  # Not the host: ignored.
+    names = {
+        1: "transformer_layer_0/feedforward_gate_dense/Tensordot/MatMul:MatMul",
+        2: "gradient_tape/token_embedding/MatMul:MatMul",
+        3: "transformer_layer_0/self_attention/Softmax:Softmax",
+        4: "ExecutorState::Process",  # Not a TF op event.
+    }
+    for key, name in names.items():
+        host.event_metadata[key].name = name
+        other.event_metadata[key].name = name
+    line = host.lines.add(name="tf_Compute")
+    for metadata_id, duration in ((1, 5), (2, 7), (1, 3), (3, 11), (4, 100)):
+        line.events.add(metadata_id=metadata_id, duration_ps=duration)
+    other.lines.add().events.add(metadata_id=1, duration_ps=1000)
+    path = tmp_path / "x.xplane.pb"
+    path.write_bytes(space.SerializeToString())
+
+    by_type, by_part = profile_train_step.op_times(str(path))
+    assert by_type == {"MatMul": 15, "Softmax": 11}
+    assert by_part == {"forward mlp": 8, "gradient lm_head_or_embedding": 7, "forward attention": 11}
