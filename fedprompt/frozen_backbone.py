@@ -27,6 +27,8 @@ import tensorflow as tf
 from keras.src.engine import base_layer_utils
 from tensorflow.python.autograph.core import ag_ctx
 
+from fedprompt.backbones import preset_io
+
 MANIFEST_NAME = "manifest.json"
 CHECKPOINT_PREFIX = "variables"
 _BACKBONE_CLASSES = {
@@ -165,12 +167,6 @@ def fingerprint(frozen: FrozenBackbone) -> str:
     return hashlib.sha256(data).hexdigest()[:16]
 
 
-def _is_step_counter(kwargs) -> bool:
-    # Keras' train/test/predict counters: int64 scalars, never backbone weights.
-    dtype = kwargs.get("dtype")
-    return dtype is not None and tf.as_dtype(dtype) == tf.int64
-
-
 @contextlib.contextmanager
 def _fast_graph_construction():
     """Builds a Keras functional model in a TF1 graph about 15x faster, same graph values.
@@ -208,7 +204,7 @@ def restore_backbone(frozen: FrozenBackbone) -> tf.keras.Model:
     num_variables = len(frozen.variable_shapes)
 
     def creator(next_creator, **kwargs):
-        if _is_step_counter(kwargs):
+        if preset_io.is_step_counter(kwargs):
             return next_creator(**kwargs)
         i = index[0]
         if i >= num_variables:

@@ -94,4 +94,8 @@ def test_profile_sums_op_events_by_type_and_part(tmp_path):
 
     by_type, by_part = profile_train_step.op_times(str(path))
     assert by_type == {"MatMul": 15, "Softmax": 11}
-    assert by_part == {"forward mlp": 8, "gradient lm_head_or_embedding": 7, "forward attention": 11}
+    assert by_part == {
+        "forward mlp": 8,
+        "gradient lm_head_or_embedding": 7,
+        "forward attention": 11,
+    }

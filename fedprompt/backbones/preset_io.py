@@ -408,7 +408,7 @@ def weight_paths_in_creation_order(
 
     def record(next_creator, **kwargs):
         variable = next_creator(**kwargs)
-        if not _is_step_counter(kwargs):
+        if not is_step_counter(kwargs):
             created.append(variable)
         return variable
 
@@ -427,8 +427,9 @@ def weight_paths_in_creation_order(
     return paths
 
 
-def _is_step_counter(kwargs) -> bool:
-    # Keras' train/test/predict counters: int64 scalars, not weights, never saved.
+def is_step_counter(kwargs) -> bool:
+    """Whether a variable creator's `kwargs` make one of Keras' train/test/predict
+    counters (int64 scalars), which are not model weights and are never saved."""
     dtype = kwargs.get("dtype")
     return dtype is not None and tf.as_dtype(dtype) == tf.int64
 
@@ -445,7 +446,7 @@ def _build_with_stored_weights(
     with h5py.File(directory / WEIGHTS_FILE, "r") as f:
 
         def initialise_from_file(next_creator, **kwargs):
-            if _is_step_counter(kwargs):
+            if is_step_counter(kwargs):
                 return next_creator(**kwargs)
             path = next(remaining, None)
             value = f[path][()] if path is not None and path in f else None
