@@ -26,11 +26,15 @@ from tensorflow.core.profiler.protobuf import xplane_pb2  # noqa: E402
 
 from bench import bench_train_step as common  # noqa: E402
 
-_BACKBONE = flags.DEFINE_string("backbone", "smollm2-135m-instruct", "Backbone name.")
-_BATCH = flags.DEFINE_integer("batch_size", 4, "Batch size.")
-_SEQ = flags.DEFINE_integer("sequence_length", 64, "Sequence length.")
-_STEPS = flags.DEFINE_integer("steps", 3, "Profiled steps.")
-_LOGDIR = flags.DEFINE_string("logdir", None, "Profiler log directory (temporary if unset).")
+
+def define_flags():
+    """Only when run as a script: importing this module (tests) defines no flags,
+    so it cannot clash with run_experiment's `--batch_size` in one process."""
+    flags.DEFINE_string("backbone", "smollm2-135m-instruct", "Backbone name.")
+    flags.DEFINE_integer("batch_size", 4, "Batch size.")
+    flags.DEFINE_integer("sequence_length", 64, "Sequence length.")
+    flags.DEFINE_integer("steps", 3, "Profiled steps.")
+    flags.DEFINE_string("logdir", None, "Profiler log directory (temporary if unset).")
 
 
 def model_part(op_name: str) -> str:
@@ -71,17 +75,18 @@ def op_times(xplane_path: str) -> tuple[collections.Counter, collections.Counter
 
 def main(argv):
     del argv
-    model = common.load_model(_BACKBONE.value)
-    data = common.synthetic_batch(model.vocabulary_size, _BATCH.value, _SEQ.value)
+    f = flags.FLAGS
+    model = common.load_model(f.backbone)
+    data = common.synthetic_batch(model.vocabulary_size, f.batch_size, f.sequence_length)
     prompt = tf.Variable(
         tf.random.stateless_uniform([common.PROMPT_LENGTH, model.hidden_dim], [0, 1])
     )
     step = common.make_step(model, prompt, tf.keras.optimizers.SGD(0.01), "function")
     step(data).numpy()
     step(data).numpy()
-    logdir = _LOGDIR.value or tempfile.mkdtemp(prefix="fedprompt-profile-")
+    logdir = f.logdir or tempfile.mkdtemp(prefix="fedprompt-profile-")
     tf.profiler.experimental.start(logdir)
-    for _ in range(_STEPS.value):
+    for _ in range(f.steps):
         step(data).numpy()
     tf.profiler.experimental.stop()
     path = sorted(glob.glob(os.path.join(logdir, "plugins", "profile", "*", "*.xplane.pb")))[-1]
@@ -93,10 +98,10 @@ def main(argv):
 
     print(json.dumps({
         "benchmark": "train_step_profile",
-        "backbone": _BACKBONE.value,
-        "batch_size": _BATCH.value,
-        "sequence_length": _SEQ.value,
-        "steps": _STEPS.value,
+        "backbone": f.backbone,
+        "batch_size": f.batch_size,
+        "sequence_length": f.sequence_length,
+        "steps": f.steps,
         "op_time_ms_total": round(total / 1e9, 1),
         "by_op_type_ms_share": table(by_type, 12),
         "by_part_ms_share": table(by_part, 12),
@@ -106,4 +111,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)
