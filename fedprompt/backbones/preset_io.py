@@ -321,7 +321,7 @@ def _build_without_tracing(original):
 
 @contextlib.contextmanager
 def fast_construction():
-    """Builds keras-nlp backbones about 15x faster, for weights that are overwritten anyway.
+    """Builds keras-nlp backbones about 10x faster, for weights that are overwritten anyway.
 
     Three costs of constructing a Keras 2 functional model go: autograph
     converting every layer `call` (keras-nlp layers are written for backends
