@@ -126,7 +126,9 @@ class PresetRoundTripTest(tf.test.TestCase, parameterized.TestCase):
             record = top["fedprompt"][preset_io.WEIGHT_PATHS_KEY]
             top["fedprompt"][preset_io.WEIGHT_PATHS_KEY] = broken(record)
             metadata_file.write_text(json.dumps(top))
-            loaded = preset_io.load_backbone(directory)
+            with self.assertLogs(level="WARNING") as logs:
+                loaded = preset_io.load_backbone(directory)
+            self.assertIn("load_weights instead", logs.output[0])
             for w, w_loaded in zip(backbone.weights, loaded.weights):
                 self.assertAllEqual(w.numpy(), w_loaded.numpy())
             top["fedprompt"][preset_io.WEIGHT_PATHS_KEY] = record

@@ -34,6 +34,7 @@ import keras
 import keras_nlp
 import numpy as np
 import tensorflow as tf
+from absl import logging
 from keras.src.engine import keras_tensor
 from keras.src.saving import saving_lib
 from keras.src.utils import generic_utils
@@ -480,8 +481,13 @@ def load_backbone(path: PathLike) -> tf.keras.Model:
         if isinstance(paths, list) and paths:
             try:
                 return _build_with_stored_weights(directory, config, paths)
-            except _CreationOrderMismatch:
-                pass  # The standard path below loads it or names what is wrong.
+            except _CreationOrderMismatch as e:
+                # Only slower: the standard path below loads it or names what is wrong.
+                logging.warning(
+                    "%s: the %s record in %s does not fit %s (%s); loading the weights "
+                    "with load_weights instead.",
+                    directory, WEIGHT_PATHS_KEY, METADATA_FILE, CONFIG_FILE, e,
+                )  # fmt: skip
         with fast_construction():
             backbone = _construct_from_config(config)
         backbone.load_weights(str(directory / WEIGHTS_FILE))
