@@ -16,7 +16,6 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import json  # noqa: E402
 import statistics  # noqa: E402
-import time  # noqa: E402
 
 import tensorflow as tf  # noqa: E402
 from absl import app, flags  # noqa: E402
@@ -34,13 +33,7 @@ _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed repetitions after warm-up."
 
 
 def _median_s(fn, repeats):
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return round(statistics.median(times), 4)
+    return round(statistics.median(common.timed(fn, repeats)[1]), 4)
 
 
 def main(argv):

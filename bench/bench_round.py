@@ -53,18 +53,6 @@ from fedprompt import (  # noqa: E402
 )
 
 
-def _timed(fn, repeats):
-    start = time.perf_counter()
-    fn()
-    first = time.perf_counter() - start
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return first, times
-
-
 def _xla_round(frozen, shape, initial, datasets, repeats):
     """Times `xla_runtime.build_xla_fed_avg`'s `next`; returns (fields, first-round prompt)."""
     start = time.perf_counter()
@@ -83,7 +71,7 @@ def _xla_round(frozen, shape, initial, datasets, repeats):
         holder["state"], _ = process.next(holder["state"], datasets)
         holder.setdefault("first", holder["state"].prompt)
 
-    first, times = _timed(one_round, repeats)
+    first, times = common.timed(one_round, repeats)
     return {
         "xla_round_s_median": round(statistics.median(times), 4),
         "xla_round_s_all": [round(t, 4) for t in times],
@@ -133,9 +121,11 @@ def bench_round(name, *, clients=4, steps=4, batch=4, seq=64, repeats=5, step_re
 
     # Plain TF loops: the same client updates, then the weighted mean.
     plain_round = build_plain_round(model.loss, datasets, shape)
-    plain_first, plain_times = _timed(lambda: plain_round(tf.constant(initial)).numpy(), repeats)
+    plain_first, plain_times = common.timed(
+        lambda: plain_round(tf.constant(initial)).numpy(), repeats
+    )
     parallel_round = build_plain_round(model.loss, datasets, shape, parallel=True)
-    parallel_first, parallel_times = _timed(
+    parallel_first, parallel_times = common.timed(
         lambda: parallel_round(tf.constant(initial)).numpy(), repeats
     )
 
@@ -172,7 +162,7 @@ def bench_round(name, *, clients=4, steps=4, batch=4, seq=64, repeats=5, step_re
                 holder["state"], _ = process.next(holder["state"], datasets)
                 holder.setdefault("first", holder["state"].prompt)
 
-            round_first, round_times = _timed(one_round, repeats)
+            round_first, round_times = common.timed(one_round, repeats)
     round_s = statistics.median(round_times)
     plain_s = statistics.median(plain_times)
     parallel_s = statistics.median(parallel_times)

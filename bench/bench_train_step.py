@@ -63,6 +63,19 @@ def peak_rss_mib() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, 1)
 
 
+def timed(fn, repeats: int) -> tuple[float, list[float]]:
+    """`(first call s, [s of each of `repeats` later calls])` of `fn()`."""
+    start = time.perf_counter()
+    fn()
+    first = time.perf_counter() - start
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return first, times
+
+
 def matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
     """Median dense float32 matmul rate of this machine, GFLOP/s."""
     a = tf.random.stateless_normal([n, n], seed=[1, 2])
