@@ -49,8 +49,11 @@ SWEEP_FLAGS ?=
 # Embedded default (tiny backbone, synthetic suite), 10 rounds per cell, the default
 # personalization grid with lambdas 0.1 and 1.0: about 2.5-3 min per cell, 20-25 min
 # in all on an idle 2-core machine with the backbone cached (longer under load).
+# Its results are committed in DEFAULT_DIR (docs/RESULTS.md cites them); a rerun
+# skips finished cells, so DEFAULT_DIR=runs/my-default starts afresh.
+DEFAULT_DIR ?= docs/runs/sweep-default
 sweep-default: install
-	$(BIN)/python run_sweep.py --output_dir=runs/sweep-default \
+	$(BIN)/python run_sweep.py --output_dir=$(DEFAULT_DIR) \
 	  --algorithms=$(SWEEP_ALGORITHMS) --partitions=dirichlet:1,natural \
 	  --base_flags="--rounds=10 --l2_strengths=0.1,1.0" $(SWEEP_FLAGS)
 
