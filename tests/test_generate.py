@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from fedprompt import backbones, generate
-from fedprompt.backbones import tiny
+from fedprompt.backbones import preset_io, tiny
 from tests.test_driver import SMALL
 
 
@@ -24,6 +24,12 @@ def test_soft_prompt_of_first_token_equals_plain_decoding(resolved):
     # Same model input either way: the first token's embedding, then the rest.
     with_prompt = generate.generate_text(resolved, rest, soft_prompt=embedding, max_new_tokens=6)
     assert with_prompt == plain
+
+
+def test_describe_records_the_weights_fingerprint(resolved):
+    described = resolved.describe()
+    assert described["preset_dir"] == str(resolved.preset_dir)
+    assert described["weights_sha256"] == preset_io.weights_fingerprint(resolved.preset_dir)
 
 
 def test_soft_prompt_of_wrong_width_is_named(resolved):

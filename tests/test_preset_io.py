@@ -1,10 +1,12 @@
 """Tests of fedprompt.backbones.preset_io: keras-nlp preset files written on Keras 2."""
 
+import hashlib
 import json
 import os
 import pathlib
 import threading
 
+import h5py
 import keras_nlp
 import numpy as np
 import tensorflow as tf
@@ -154,6 +156,38 @@ class PresetRoundTripTest(tf.test.TestCase, parameterized.TestCase):
                 directory, backbone=_gpt2(), tokenizer=_text_tokenizer(), metadata={"x": object()}
             )
         self.assertEqual(os.listdir(directory.parent), [])
+
+
+class WeightsFingerprintTest(tf.test.TestCase):
+    def test_hand_computed_digest(self):
+        directory = pathlib.Path(self.get_temp_dir())
+        with h5py.File(directory / preset_io.WEIGHTS_FILE, "w") as weights:
+            weights["layers/b/vars/0"] = np.array([[3]], np.int32)
+            weights["layers/a/vars/0"] = np.array([1.0, 2.0], np.float32)
+        expected = hashlib.sha256(
+            b"layers/a/vars/0|<f4|(2,)\n"
+            + np.array([1.0, 2.0], np.float32).tobytes()
+            + b"layers/b/vars/0|<i4|(1, 1)\n"
+            + np.array([[3]], np.int32).tobytes()
+        ).hexdigest()
+        self.assertEqual(preset_io.weights_fingerprint(directory), expected)
+
+    def test_same_weights_same_fingerprint_whenever_written(self):
+        tf.keras.utils.set_random_seed(4)
+        backbone = _gpt2()
+        tokenizer = _text_tokenizer()
+        root = pathlib.Path(self.get_temp_dir())
+        write = lambda name: preset_io.write_preset(  # noqa: E731
+            root / name, backbone=backbone, tokenizer=tokenizer, metadata={"name": name}
+        )
+        fingerprint = preset_io.weights_fingerprint(write("first"))
+        self.assertEqual(preset_io.weights_fingerprint(write("second")), fingerprint)
+        # One float32 ulp in one entry of the last variable is another backbone.
+        variable = backbone.weights[-1]
+        values = variable.numpy()
+        values.flat[0] = np.nextafter(values.flat[0], np.float32(np.inf))
+        variable.assign(values)
+        self.assertNotEqual(preset_io.weights_fingerprint(write("changed")), fingerprint)
 
 
 class FastConstructionTest(tf.test.TestCase, parameterized.TestCase):

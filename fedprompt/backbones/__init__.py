@@ -66,12 +66,19 @@ class ResolvedBackbone:
         return preset_io.load_backbone(self.preset_dir)
 
     def describe(self) -> dict[str, Any]:
+        """What a run records about its backbone (`config.json["resolved_backbone"]`).
+
+        Includes `preset_io.weights_fingerprint`, which reads every weight (about
+        1.3 s for SmolLM2-135M), so that runs can tell whether they used the same
+        backbone.
+        """
         return {
             "name": self.name,
             "preset_dir": str(self.preset_dir),
             "template": self.template.value,
             "vocabulary_size": self.tokenizer.vocabulary_size,
             "stop_token_ids": list(self.stop_token_ids),
+            "weights_sha256": preset_io.weights_fingerprint(self.preset_dir),
         }
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import fcntl
+import hashlib
 import json
 import os
 import pathlib
@@ -505,6 +506,29 @@ def load_preset(
     """(backbone, text tokenizer) of a local keras-nlp preset directory."""
     directory = validate_preset_dir(path)
     return load_backbone(directory), tokenizers_lib.load_text_tokenizer(directory)
+
+
+def weights_fingerprint(path: PathLike) -> str:
+    """SHA-256 of a preset's weight values, for telling backbones apart.
+
+    Hashes every dataset of `model.weights.h5` (its path, dtype, shape and bytes) in
+    path order, so unlike the file's own bytes it does not depend on when or how the
+    file was written: two presets with equal weights have equal fingerprints. Runs
+    record it (`config.json["resolved_backbone"]`) because a cache key does not pin
+    the weights: `tiny` is pre-trained on first use on each machine, and float
+    rounding differs between CPUs and kernels.
+    """
+    digest = hashlib.sha256()
+    with h5py.File(pathlib.Path(path) / WEIGHTS_FILE, "r") as weights:
+        names = []
+        weights.visititems(
+            lambda name, item: names.append(name) if isinstance(item, h5py.Dataset) else None
+        )
+        for name in sorted(names):
+            array = np.ascontiguousarray(weights[name][()])
+            digest.update(f"{name}|{array.dtype.str}|{array.shape}\n".encode())
+            digest.update(array.tobytes())
+    return digest.hexdigest()
 
 
 def is_valid_preset_dir(path: PathLike) -> bool:
