@@ -64,7 +64,9 @@ sweep-default: install
 # clients include a Translation client (chosen from the partition alone, before any
 # run). FedAvg(SGD) clients at lr 0.1, the next value down on the paper's lr grid from
 # the sweep's 0.3, which diverged on SmolLM2 (loss 1.2 -> 12.8, gradient norm 3 -> 130 by
-# round 3; docs/RESULTS.md); the other algorithms keep the sweep's rates.
+# round 3; docs/RESULTS.md). FedSGD at server lr 1.0, down from the sweep's 3.0 for the
+# same reason (loss 1.2 -> 11.9, server update norm 1.1 -> 34.5 by round 3-4; evidence in
+# docs/runs/lr-checks). FedAvg(Adam) and centralized keep the sweep's rates.
 # Training on the default TFF runtime: since oneDNN kernels and iterator loops it is
 # faster here than --runtime=xla (same prompts within 1e-5), which pads every batch
 # to the sequence length and runs the LM head at every position; at most 2 clients
@@ -87,7 +89,8 @@ sweep-sni: install
 	    --personalization_epochs=0,1,2,4 --max_local_test_examples=4 \
 	    --max_global_test_examples=8" \
 	  --training_flags="--rounds=6 --eval_every=3" \
-	  --set=fedavg_sgd:client_learning_rate=0.1 $(SWEEP_FLAGS)
+	  --set=fedavg_sgd:client_learning_rate=0.1 --set=fedsgd:server_learning_rate=1.0 \
+	  $(SWEEP_FLAGS)
 
 bench: install
 	$(BIN)/python -m bench.run_all
