@@ -609,7 +609,8 @@ def _plot_tradeoff_by_level(levels, by_level, path):
         _finish_axes(ax, f"{level}: fine-tuning trade-off", _LOCAL_AXIS, ylabel=_GLOBAL_AXIS)
     if not plotted:
         return None
-    figure.suptitle("Pareto frontiers over every lr and epoch count (star: epoch 0)")
+    # Two lines: one line is wider than a one-level (single-panel) figure.
+    figure.suptitle("Pareto frontiers over every lr and epoch count\n(star: epoch 0)")
     return report._save(figure, path)
 
 
