@@ -75,6 +75,11 @@ LOGS_DIR = "logs"
 COMPLETE_FILES = (report.REPORT_MD, report.SUMMARY_JSON, report.PERSONALIZATION_CSV)
 
 
+def has_results(run_dir: PathLike) -> bool:
+    """Whether `run_dir` holds a finished run's results (`COMPLETE_FILES`)."""
+    return all((pathlib.Path(run_dir) / name).is_file() for name in COMPLETE_FILES)
+
+
 class SweepError(ValueError):
     """A sweep setting that cannot work; the message names it and the fix."""
 
@@ -305,7 +310,7 @@ def cell_is_complete(cell: Cell, cell_dir: PathLike) -> bool:
     `config.json` must equal every flag of the cell.
     """
     cell_dir = pathlib.Path(cell_dir)
-    if not all((cell_dir / name).is_file() for name in COMPLETE_FILES):
+    if not has_results(cell_dir):
         return False
     marker = cell_dir / CELL_MARKER
     if marker.is_file():
@@ -492,7 +497,7 @@ def run_sweep(
             log_path=output_dir / LOGS_DIR / f"{cell.name}.log",
             progress=progress,
         )
-        if status == 0 and all((cell_dir / name).is_file() for name in COMPLETE_FILES):
+        if status == 0 and has_results(cell_dir):
             _mark_complete(cell, cell_dir)
             outcome.completed.append(cell.name)
         else:
@@ -1014,7 +1019,7 @@ def write_sweep_report(
     """
     output_dir = pathlib.Path(output_dir)
     run_dirs = [pathlib.Path(p) for p in (run_dirs or discover_run_dirs(output_dir))]
-    complete = {p.name for p in run_dirs if all((p / n).is_file() for n in COMPLETE_FILES)}
+    complete = {p.name for p in run_dirs if has_results(p)}
     runs = [claims.load_run(p) for p in run_dirs if p.name in complete]
     records = claims.evaluate_claims(runs)
     claims_path = output_dir / CLAIMS_JSON

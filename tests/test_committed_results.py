@@ -23,11 +23,7 @@ COMMITTED_SWEEPS = sorted(p.parent for p in (REPO / "docs" / "runs").glob("*/cla
 
 
 def _complete_runs(sweep_dir: pathlib.Path):
-    return [
-        claims.load_run(p)
-        for p in sweep.discover_run_dirs(sweep_dir)
-        if all((p / name).is_file() for name in sweep.COMPLETE_FILES)
-    ]
+    return [claims.load_run(p) for p in sweep.discover_run_dirs(sweep_dir) if sweep.has_results(p)]
 
 
 def _assert_close(actual, expected, where="claims"):
