@@ -126,9 +126,13 @@ def main(argv):
         print(f"error: {e}", file=sys.stderr)
         return 2
     command = shlex.join(["python", "run_sweep.py", *sys.argv[1:]])
+    if _REPORT_ONLY.value:
+        description = f"Report regenerated from the runs on disk by `{command}`."
+    else:
+        description = f"Command: `{command}`."
     written = sweep.write_sweep_report(
         output_dir,
-        description=f"Command: `{command}`",
+        description=description + " Each run's own command is listed under Cell commands.",
         failed=failed,
         example_category=_EXAMPLE_CATEGORY.value,
     )

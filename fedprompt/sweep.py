@@ -995,6 +995,49 @@ def _claim_details(record: Mapping[str, Any]) -> List[str]:
     return lines
 
 
+def cell_command(cell_dir: PathLike) -> Optional[str]:
+    """The `run_experiment.py` command that produced a sweep cell, from its marker.
+
+    None for a run directory that the sweep did not write (no `sweep_cell.json`).
+
+    Raises:
+      SweepError: the marker exists but holds no list of flags.
+    """
+    cell_dir = pathlib.Path(cell_dir)
+    marker = cell_dir / CELL_MARKER
+    if not marker.is_file():
+        return None
+    try:
+        argv = json.loads(marker.read_text()).get("argv")
+    except (OSError, ValueError, AttributeError) as e:
+        raise SweepError(f"{marker}: unreadable ({e}).") from e
+    if not isinstance(argv, list) or not all(isinstance(a, str) for a in argv):
+        raise SweepError(f'{marker}: "argv" is not a list of flags.')
+    return shlex.join(["python", RUN_EXPERIMENT.name, *argv, f"--output_dir={cell_dir.as_posix()}"])
+
+
+def _cell_command_lines(output_dir: pathlib.Path, runs: Sequence[claims.RunResult]) -> List[str]:
+    # Each cell's own command: a sweep directory is often filled by several
+    # invocations (resumed, or subsets of the grid) and the report may be
+    # regenerated with --report_only, so no single sweep command says how every
+    # run was made.
+    lines = ["## Cell commands", ""]
+    for run in runs:
+        try:
+            command = cell_command(output_dir / run.name)
+        except SweepError as e:
+            lines.append(f"- {run.name}: {e} Its flags are in its `{report.CONFIG_JSON}`.")
+            continue
+        if command is None:
+            lines.append(
+                f"- {run.name}: not run by the sweep (no `{CELL_MARKER}`); its flags are in "
+                f"its `{report.CONFIG_JSON}`."
+            )
+        else:
+            lines.append(f"- {run.name}: `{command}`")
+    return [*lines, ""]
+
+
 def write_sweep_report(
     output_dir: PathLike,
     *,
@@ -1108,9 +1151,9 @@ def write_sweep_report(
         "Motley columns: the fine-tuning setting chosen by validation clients' local ROUGE-L, "
         "scored on test clients (see each run's report).",
         "",
-        "## Claim details",
-        "",
     ]
+    lines += _cell_command_lines(output_dir, _sorted_runs(runs))
+    lines += ["## Claim details", ""]
     for record in records:
         lines += _claim_details(record)
     example_plot = output_dir / report.PLOTS_DIR / EXAMPLE_CLIENT_PLOT

@@ -9,6 +9,7 @@ in one process).
 import json
 import os
 import pathlib
+import shlex
 import subprocess
 import sys
 import time
@@ -272,6 +273,24 @@ def test_report_over_two_levels(tmp_path):
         assert (tmp_path / report.PLOTS_DIR / name).stat().st_size > 0
         assert f"(plots/{name})" in text
 
+    # Every run's own command, from its marker, runnable as written.
+    for cell in cells:
+        command = sweep.cell_command(tmp_path / cell.name)
+        assert shlex.split(command) == [
+            "python",
+            "run_experiment.py",
+            *cell.argv,
+            f"--output_dir={(tmp_path / cell.name).as_posix()}",
+        ]
+        assert f"- {cell.name}: `{command}`" in text
+    # Results made by hand (no marker) or a damaged marker: said so, not hidden.
+    (tmp_path / cells[1].name / sweep.CELL_MARKER).unlink()
+    (tmp_path / cells[2].name / sweep.CELL_MARKER).write_text('{"argv": "--seed=1"}')
+    sweep.write_sweep_report(tmp_path)
+    text = (tmp_path / sweep.SWEEP_REPORT_MD).read_text()
+    assert f"- {cells[1].name}: not run by the sweep (no `sweep_cell.json`)" in text
+    assert f'{cells[2].name}/sweep_cell.json: "argv" is not a list of flags.' in text
+
     # An incomplete run is listed, not used.
     (tmp_path / cells[0].name / report.REPORT_MD).unlink()
     sweep.write_sweep_report(tmp_path)
@@ -319,7 +338,10 @@ def test_driver_report_only(tmp_path):
     result = _driver(f"--output_dir={tmp_path}", "--report_only")
     assert result.returncode == 0, result.stderr
     assert "C3: PASS" in result.stdout and "report:" in result.stdout
-    assert (tmp_path / sweep.SWEEP_REPORT_MD).is_file()
+    text = (tmp_path / sweep.SWEEP_REPORT_MD).read_text()
+    # Not presented as the command that made the runs: theirs are listed per cell.
+    assert "Report regenerated from the runs on disk by `python run_sweep.py" in text
+    assert "## Cell commands" in text and "Command:" not in text
 
 
 # --------------------------------------------------------------------------- subprocess
