@@ -1030,8 +1030,9 @@ def _cell_command_lines(output_dir: pathlib.Path, runs: Sequence[claims.RunResul
             continue
         if command is None:
             lines.append(
-                f"- {run.name}: not run by the sweep (no `{CELL_MARKER}`); its flags are in "
-                f"its `{report.CONFIG_JSON}`."
+                f"- {run.name}: no `{CELL_MARKER}` (results made outside the sweep, or the "
+                f"sweep stopped before marking the cell); every flag's value is in its "
+                f"`{report.CONFIG_JSON}`."
             )
         else:
             lines.append(f"- {run.name}: `{command}`")

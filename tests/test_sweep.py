@@ -288,7 +288,7 @@ def test_report_over_two_levels(tmp_path):
     (tmp_path / cells[2].name / sweep.CELL_MARKER).write_text('{"argv": "--seed=1"}')
     sweep.write_sweep_report(tmp_path)
     text = (tmp_path / sweep.SWEEP_REPORT_MD).read_text()
-    assert f"- {cells[1].name}: not run by the sweep (no `sweep_cell.json`)" in text
+    assert f"- {cells[1].name}: no `sweep_cell.json` (results made outside the sweep" in text
     assert f'{cells[2].name}/sweep_cell.json: "argv" is not a list of flags.' in text
 
     # An incomplete run is listed, not used.
