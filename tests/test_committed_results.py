@@ -70,3 +70,22 @@ def test_results_md_shows_the_committed_claims_table(sweep_dir):
         f"docs/RESULTS.md does not show {sweep_dir.name}'s claims rows {missing} as "
         f"{sweep_dir.relative_to(REPO)}/sweep_report.md has them; copy its claims table."
     )
+
+
+@pytest.mark.parametrize("sweep_dir", COMMITTED_SWEEPS, ids=lambda p: p.name)
+def test_cells_of_a_sweep_used_one_backbone_listed_in_results_md(sweep_dir):
+    # Cells are compared with each other, so they must share the backbone's
+    # weights (the tiny backbone is pre-trained per machine: a cell from another
+    # machine would differ). Cells older than the fingerprint record none.
+    recorded = {}
+    for run_dir in sweep.discover_run_dirs(sweep_dir):
+        config = json.loads((run_dir / "config.json").read_text())
+        fingerprint = config.get("resolved_backbone", {}).get("weights_sha256")
+        if fingerprint is not None:
+            recorded.setdefault(fingerprint, []).append(run_dir.name)
+    assert len(recorded) <= 1, f"{sweep_dir.name}: cells ran on different backbones: {recorded}"
+    for fingerprint in recorded:
+        assert f"`{fingerprint}`" in RESULTS_MD.read_text(), (
+            f"{sweep_dir.name}'s backbone fingerprint {fingerprint} is not in docs/RESULTS.md's "
+            "Backbones table."
+        )
