@@ -998,7 +998,8 @@ def _claim_details(record: Mapping[str, Any]) -> List[str]:
 def cell_command(cell_dir: PathLike) -> Optional[str]:
     """The `run_experiment.py` command that produced a sweep cell, from its marker.
 
-    None for a run directory that the sweep did not write (no `sweep_cell.json`).
+    None without a `sweep_cell.json` (results made outside the sweep, or the sweep
+    stopped between the run's end and marking it).
 
     Raises:
       SweepError: the marker exists but holds no list of flags.

@@ -15,7 +15,7 @@ import pathlib
 
 import pytest
 
-from fedprompt import claims, sweep
+from fedprompt import claims, report, sweep
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 RESULTS_MD = REPO / "docs" / "RESULTS.md"
@@ -79,7 +79,7 @@ def test_cells_of_a_sweep_used_one_backbone_listed_in_results_md(sweep_dir):
     # machine would differ). Cells older than the fingerprint record none.
     recorded = {}
     for run_dir in sweep.discover_run_dirs(sweep_dir):
-        config = json.loads((run_dir / "config.json").read_text())
+        config = json.loads((run_dir / report.CONFIG_JSON).read_text())
         fingerprint = config.get("resolved_backbone", {}).get("weights_sha256")
         if fingerprint is not None:
             recorded.setdefault(fingerprint, []).append(run_dir.name)
