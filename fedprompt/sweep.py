@@ -300,6 +300,24 @@ def _same_value(recorded: Any, given: str) -> bool:
     return str(recorded) == given
 
 
+def recorded_argv(cell_dir: PathLike) -> List[str]:
+    """The flags a finished cell ran with, from its `sweep_cell.json`.
+
+    Raises:
+      OSError: the marker cannot be read (e.g. it is missing).
+      SweepError: the marker holds no list of flags.
+    """
+    marker = pathlib.Path(cell_dir) / CELL_MARKER
+    text = marker.read_text()
+    try:
+        argv = json.loads(text).get("argv")
+    except (ValueError, AttributeError) as e:
+        raise SweepError(f"{marker}: not a JSON object ({e}).") from e
+    if not isinstance(argv, list) or not all(isinstance(a, str) for a in argv):
+        raise SweepError(f'{marker}: "argv" is not a list of flags.')
+    return argv
+
+
 def cell_is_complete(cell: Cell, cell_dir: PathLike) -> bool:
     """Whether `cell_dir` holds finished results of exactly this cell's flags.
 
@@ -312,12 +330,10 @@ def cell_is_complete(cell: Cell, cell_dir: PathLike) -> bool:
     cell_dir = pathlib.Path(cell_dir)
     if not has_results(cell_dir):
         return False
-    marker = cell_dir / CELL_MARKER
-    if marker.is_file():
+    if (cell_dir / CELL_MARKER).is_file():
         try:
-            recorded_argv = json.loads(marker.read_text()).get("argv")
-            return _given_flags(recorded_argv) == _given_flags(cell.argv)
-        except (ValueError, AttributeError, TypeError):
+            return _given_flags(recorded_argv(cell_dir)) == _given_flags(cell.argv)
+        except SweepError:
             return False
     try:
         recorded = json.loads((cell_dir / report.CONFIG_JSON).read_text()).get("flags", {})
@@ -1005,27 +1021,21 @@ def cell_command(cell_dir: PathLike) -> Optional[str]:
       SweepError: the marker exists but holds no list of flags.
     """
     cell_dir = pathlib.Path(cell_dir)
-    marker = cell_dir / CELL_MARKER
-    if not marker.is_file():
+    if not (cell_dir / CELL_MARKER).is_file():
         return None
-    try:
-        argv = json.loads(marker.read_text()).get("argv")
-    except (OSError, ValueError, AttributeError) as e:
-        raise SweepError(f"{marker}: unreadable ({e}).") from e
-    if not isinstance(argv, list) or not all(isinstance(a, str) for a in argv):
-        raise SweepError(f'{marker}: "argv" is not a list of flags.')
+    argv = recorded_argv(cell_dir)
     return shlex.join(["python", RUN_EXPERIMENT.name, *argv, f"--output_dir={cell_dir.as_posix()}"])
 
 
-def _cell_command_lines(output_dir: pathlib.Path, runs: Sequence[claims.RunResult]) -> List[str]:
+def _cell_command_lines(runs: Sequence[Tuple[claims.RunResult, pathlib.Path]]) -> List[str]:
     # Each cell's own command: a sweep directory is often filled by several
     # invocations (resumed, or subsets of the grid) and the report may be
     # regenerated with --report_only, so no single sweep command says how every
     # run was made.
     lines = ["## Cell commands", ""]
-    for run in runs:
+    for run, run_dir in runs:
         try:
-            command = cell_command(output_dir / run.name)
+            command = cell_command(run_dir)
         except SweepError as e:
             lines.append(f"- {run.name}: {e} Its flags are in its `{report.CONFIG_JSON}`.")
             continue
@@ -1066,6 +1076,8 @@ def write_sweep_report(
     run_dirs = [pathlib.Path(p) for p in (run_dirs or discover_run_dirs(output_dir))]
     complete = {p.name for p in run_dirs if has_results(p)}
     runs = [claims.load_run(p) for p in run_dirs if p.name in complete]
+    dir_of = {p.name: p for p in run_dirs}
+    ordered = _sorted_runs(runs)
     records = claims.evaluate_claims(runs)
     claims_path = output_dir / CLAIMS_JSON
     claims_path.write_text(json.dumps(records, indent=2, allow_nan=False) + "\n")
@@ -1113,7 +1125,7 @@ def write_sweep_report(
 
     lines += ["## Runs", ""]
     rows = []
-    for run in _sorted_runs(runs):
+    for run in ordered:
         row = aggregate.get(run.name, {})
         rows.append(
             (
@@ -1154,19 +1166,17 @@ def write_sweep_report(
         "scored on test clients (see each run's report).",
         "",
     ]
-    lines += _cell_command_lines(output_dir, _sorted_runs(runs))
+    lines += _cell_command_lines([(run, dir_of[run.name]) for run in ordered])
     lines += ["## Claim details", ""]
     for record in records:
         lines += _claim_details(record)
     example_plot = output_dir / report.PLOTS_DIR / EXAMPLE_CLIENT_PLOT
     example_plot.unlink(missing_ok=True)
     if example_category is not None:
-        by_name = {p.name: p for p in run_dirs}
         examples = [
             e
             for e in (
-                category_client_curves(run, by_name[run.name], example_category)
-                for run in _sorted_runs(runs)
+                category_client_curves(run, dir_of[run.name], example_category) for run in ordered
             )
             if e is not None
         ]
