@@ -207,10 +207,15 @@ def order_levels(runs: Sequence[RunResult]) -> List[str]:
 
 
 def _runs_by_level(runs: Sequence[RunResult]) -> Dict[str, Dict[str, RunResult]]:
-    """{level: {algorithm: run}}; of duplicates the first is kept."""
-    grouped: Dict[str, Dict[str, RunResult]] = {}
+    """{level: {algorithm: run}} in `order_levels` order; of duplicates the first is kept.
+
+    Ordered by level rather than by the order of `runs`, so that every claim's
+    per-level records read from least to most heterogeneous whatever order the
+    run directories were listed in.
+    """
+    grouped: Dict[str, Dict[str, RunResult]] = {level: {} for level in order_levels(runs)}
     for run in runs:
-        grouped.setdefault(run.level, {}).setdefault(run.algorithm, run)
+        grouped[run.level].setdefault(run.algorithm, run)
     return grouped
 
 

@@ -292,6 +292,22 @@ def test_c5_inconclusive_without_l2_points():
     assert "no l2 points" in _level(record)["reason"]
 
 
+def test_per_level_records_follow_heterogeneity_not_input_order():
+    # Directory order put `centralized__natural` before any dirichlet run; the
+    # records must still read from least to most heterogeneous.
+    natural = [make_run(a, "natural", heterogeneity=0.8) for a in (claims.CENTRALIZED, ADAM)]
+    dirichlet = [make_run(a, "dirichlet:1", heterogeneity=0.2) for a in (claims.CENTRALIZED, ADAM)]
+    for runs in (natural + dirichlet, dirichlet + natural):
+        for claim in (
+            claims.claim_c1,
+            claims.claim_c2,
+            claims.claim_c3,
+            claims.claim_c4,
+            claims.claim_c5,
+        ):
+            assert list(claim(runs)["numbers"]["levels"]) == ["dirichlet:1", "natural"]
+
+
 # --------------------------------------------------------------------------- C6
 
 
