@@ -304,11 +304,14 @@ def recorded_argv(cell_dir: PathLike) -> List[str]:
     """The flags a finished cell ran with, from its `sweep_cell.json`.
 
     Raises:
-      OSError: the marker cannot be read (e.g. it is missing).
-      SweepError: the marker holds no list of flags.
+      SweepError: the marker cannot be read (missing, or not UTF-8 text), is not
+        a JSON object, or holds no list of flags.
     """
     marker = pathlib.Path(cell_dir) / CELL_MARKER
-    text = marker.read_text()
+    try:
+        text = marker.read_text()
+    except (OSError, ValueError) as e:  # ValueError: UnicodeDecodeError.
+        raise SweepError(f"{marker}: unreadable ({e}).") from e
     try:
         argv = json.loads(text).get("argv")
     except (ValueError, AttributeError) as e:

@@ -286,10 +286,14 @@ def test_report_over_two_levels(tmp_path):
     # Results made by hand (no marker) or a damaged marker: said so, not hidden.
     (tmp_path / cells[1].name / sweep.CELL_MARKER).unlink()
     (tmp_path / cells[2].name / sweep.CELL_MARKER).write_text('{"argv": "--seed=1"}')
+    (tmp_path / cells[3].name / sweep.CELL_MARKER).write_bytes(b"\xff\xfe not UTF-8")
     sweep.write_sweep_report(tmp_path)
     text = (tmp_path / sweep.SWEEP_REPORT_MD).read_text()
     assert f"- {cells[1].name}: no `sweep_cell.json` (results made outside the sweep" in text
     assert f'{cells[2].name}/sweep_cell.json: "argv" is not a list of flags.' in text
+    assert f"{cells[3].name}/sweep_cell.json: unreadable (" in text
+    # A damaged marker means the cell is not known to be complete: it reruns.
+    assert not sweep.cell_is_complete(cells[3], tmp_path / cells[3].name)
 
     # An incomplete run is listed, not used.
     (tmp_path / cells[0].name / report.REPORT_MD).unlink()
