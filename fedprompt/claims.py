@@ -658,10 +658,13 @@ def claim_c5(runs: Sequence[RunResult]) -> Dict[str, Any]:
 
 
 def claim_c6(runs: Sequence[RunResult]) -> Dict[str, Any]:
-    order = order_levels(runs)
-    grouped = _runs_by_level(runs)
+    grouped = _runs_by_level(runs)  # Least heterogeneous level first.
     algorithm = next(
-        (a for a in REFERENCE_ALGORITHMS if sum(a in grouped[level] for level in order) >= 2),
+        (
+            a
+            for a in REFERENCE_ALGORITHMS
+            if sum(a in by_algorithm for by_algorithm in grouped.values()) >= 2
+        ),
         None,
     )
     record = {
@@ -675,8 +678,8 @@ def claim_c6(runs: Sequence[RunResult]) -> Dict[str, Any]:
             "numbers": {"reason": "no algorithm was run at >= 2 heterogeneity levels"},
         }
     levels = {}
-    for level in order:
-        run = grouped[level].get(algorithm)
+    for level, by_algorithm in grouped.items():
+        run = by_algorithm.get(algorithm)
         if run is None:
             continue
         curves = finetune_curves(run)
